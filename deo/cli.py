@@ -1,0 +1,198 @@
+"""``deo <stage>``: one command per pipeline stage, each called by one Snakemake rule.
+
+Rules pass the config sections a stage reads as JSON (``--data``), so Snakemake's params
+trigger reruns a stage exactly when one of those sections changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from deo import __version__
+from deo.config import DataConfig, from_dict
+from deo.errors import ConfigError, DeoError
+
+log = logging.getLogger("deo")
+
+
+def data_config(text: str, *required: str) -> DataConfig:
+    """Parse a data-section subset, insisting that the sections the stage reads are present."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--data is not valid JSON: {e}") from e
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise ConfigError(f"--data lacks section(s) {missing} that this stage reads")
+    return from_dict(DataConfig, raw, "data")
+
+
+def _mirror(a: argparse.Namespace) -> None:
+    from deo.data.mirror import write_mirror
+
+    cfg = data_config(a.data, "mirror", "sentinel")
+    if cfg.mirror is None:
+        raise ConfigError("data.mirror is null: there is no synthetic mirror to write")
+    s = cfg.sentinel
+    write_mirror(cfg.mirror, a.out, csvs=s.csvs, archive=s.archive, archive_prefix=s.archive_prefix)
+
+
+def _fetch_sentinel(a: argparse.Namespace) -> None:
+    from deo.data.stages import fetch_files
+
+    cfg = data_config(a.data, "sentinel", "fetch")
+    names = [cfg.sentinel.archive, *cfg.sentinel.csvs.values()]
+    fetch_files(a.base_url, names, a.dest, a.record, cfg=cfg)
+
+
+def _verify(a: argparse.Namespace) -> None:
+    from deo.data.fetch import verify_manifest
+
+    problems = verify_manifest(a.manifest)
+    if problems:
+        raise DeoError(f"{a.manifest}: {len(problems)} file(s) fail verification: " + "; ".join(problems))
+    a.out.write_text(json.dumps({"manifest": str(a.manifest), "verified": True}))
+
+
+def _select(a: argparse.Namespace) -> None:
+    from deo.data.stages import select
+
+    cfg = data_config(a.data, "sentinel", "selection")
+    select(a.csv_dir, cfg.sentinel, cfg.selection, a.out)
+
+
+def _extract(a: argparse.Namespace) -> None:
+    from deo.data.stages import extract
+
+    cfg = data_config(a.data, "sentinel")
+    extract(a.archive, a.selection, cfg.sentinel.archive_prefix, a.dest, a.record, a.skipped)
+
+
+def _fetch_rgb(a: argparse.Namespace) -> None:
+    from deo.data.stages import fetch_partners
+
+    cfg = data_config(a.data, "fetch")
+    fetch_partners(a.selection, a.base_url, a.dest, a.record, cfg=cfg)
+
+
+def _pair(a: argparse.Namespace) -> None:
+    from deo.data.stages import pair
+
+    pair(a.selection, a.sentinel_root, a.rgb_root, a.rgb_record, a.out, a.rejects, a.counts)
+
+
+def _harmonise(a: argparse.Namespace) -> None:
+    from deo.data.stages import harmonise_shard
+
+    cfg = data_config(a.data, "harmonise", "rgb")
+    harmonise_shard(a.pairs, a.shard, cfg.harmonise.shards, cfg.harmonise, cfg.rgb.enabled, a.out, a.rejects)
+
+
+def _merge(a: argparse.Namespace) -> None:
+    from deo.data.stages import merge
+
+    cfg = data_config(a.data)
+    merge(a.shards, a.reject_tables, a.pairs, cfg, a.out_store, a.out_table, a.rejects, a.counts)
+
+
+def _stats(a: argparse.Namespace) -> None:
+    from deo.data.stats import band_stats, write_stats
+    import pandas as pd
+
+    stats = band_stats(a.store, pd.read_parquet(a.table), split=a.split)
+    write_stats(a.store, stats, a.out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deo", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"deo {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help)
+        s.set_defaults(fn=fn)
+        return s
+
+    def data_arg(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--data", required=True, help="the config's data section (JSON)")
+
+    s = cmd("mirror", _mirror, "write a synthetic mirror of the fMoW hosts in the real formats")
+    data_arg(s)
+    s.add_argument("--out", type=Path, required=True)
+
+    s = cmd("fetch-sentinel", _fetch_sentinel, "fetch the fMoW-Sentinel archive and split CSVs")
+    data_arg(s)
+    s.add_argument("--base-url", required=True)
+    s.add_argument("--dest", type=Path, required=True, help="persistent download directory")
+    s.add_argument("--record", type=Path, required=True, help="CSV of what was fetched")
+
+    s = cmd("verify", _verify, "re-hash downloaded files against their recorded checksums")
+    s.add_argument("--manifest", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+
+    s = cmd("select", _select, "choose the scenes to use (seeded) from the split CSVs")
+    data_arg(s)
+    s.add_argument("--csv-dir", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+
+    s = cmd("extract", _extract, "extract the selected scenes from the archive")
+    data_arg(s)
+    for name in ("--archive", "--selection", "--dest", "--record", "--skipped"):
+        s.add_argument(name, type=Path, required=True)
+
+    s = cmd("fetch-rgb", _fetch_rgb, "fetch the fMoW-RGB partners of the selected scenes")
+    data_arg(s)
+    s.add_argument("--selection", type=Path, required=True)
+    s.add_argument("--base-url", required=True)
+    s.add_argument("--dest", type=Path, required=True)
+    s.add_argument("--record", type=Path, required=True)
+
+    s = cmd("pair", _pair, "join each scene with its RGB partner")
+    for name in ("--selection", "--sentinel-root", "--out", "--rejects", "--counts"):
+        s.add_argument(name, type=Path, required=True)
+    s.add_argument("--rgb-root", type=Path, help="omit for an MS-only store")
+    s.add_argument("--rgb-record", type=Path, help="the fetch-rgb record")
+
+    s = cmd("harmonise", _harmonise, "harmonise one shard of scenes onto the common grid")
+    data_arg(s)
+    s.add_argument("--pairs", type=Path, required=True)
+    s.add_argument("--shard", type=int, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--rejects", type=Path, required=True)
+
+    s = cmd("merge", _merge, "assemble the shard stores into the pre-training store")
+    data_arg(s)
+    s.add_argument("--shards", type=Path, nargs="+", required=True)
+    s.add_argument("--reject-tables", type=Path, nargs="+", required=True)
+    for name in ("--pairs", "--out-store", "--out-table", "--rejects", "--counts"):
+        s.add_argument(name, type=Path, required=True)
+
+    s = cmd("stats", _stats, "per-band mean/std over a split, into the store and a JSON")
+    for name in ("--store", "--table", "--out"):
+        s.add_argument(name, type=Path, required=True)
+    s.add_argument("--split", default="train")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.fn(args)
+    except DeoError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

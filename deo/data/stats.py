@@ -1,0 +1,152 @@
+"""Per-band mean and standard deviation of the pre-training store, streamed block by block.
+
+Normalisation must come from the data the model trains on, so the stats stage computes these
+over the training split and records them in the store's attrs (``stats``) and a JSON file.
+
+Conventions:
+- pixels equal to 0 in a band are excluded from that band's statistics: 0 is the nodata and
+  padding value of the harmonised tiles, and counting it would drag means down and inflate
+  standard deviations by an amount that depends on how much of the scene was padded. The same
+  rule applies to the ``rgb`` channels (keys ``R``, ``G``, ``B``), whose padding is 0 too;
+- values are in the stored units (Sentinel-2 digital numbers, RGB 0..255);
+- the standard deviation is the population one (divide by the count, not count - 1).
+
+The store is far larger than memory, so moments are accumulated per block in float64 and
+combined with Chan et al.'s parallel update of (count, mean, M2), which stays accurate where a
+running sum of squares would cancel catastrophically for large, positive DNs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from deo.data.store import RGB_CHANNELS, open_store, store_bands
+from deo.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel count, mean and sum of squared deviations (M2) of the valid pixels seen."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, channels: int) -> Moments:
+        return cls(np.zeros(channels), np.zeros(channels), np.zeros(channels))
+
+    @classmethod
+    def of_block(cls, x: np.ndarray) -> Moments:
+        """Moments of a ``(samples, channels, H, W)`` block, ignoring pixels equal to 0."""
+        flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
+        valid = flat != 0
+        count = valid.sum(axis=1).astype(np.float64)
+        mean = np.divide(flat.sum(axis=1), count, out=np.zeros_like(count), where=count > 0)
+        dev = np.where(valid, flat - mean[:, None], 0.0)
+        return cls(count, mean, np.einsum("ij,ij->i", dev, dev))
+
+    def merge(self, other: Moments) -> Moments:
+        """Chan et al.'s pairwise combination: exact for any split of the data into parts."""
+        count = self.count + other.count
+        safe = np.where(count > 0, count, 1.0)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / safe
+        m2 = self.m2 + other.m2 + delta**2 * self.count * other.count / safe
+        return Moments(count, mean, m2)
+
+
+def _where(group: zarr.Group) -> str:
+    """A name for the store in error messages."""
+    return str(group.store)
+
+
+def _split_rows(group: zarr.Group, table: pd.DataFrame | None, split: str | None) -> np.ndarray:
+    """Store rows of the samples in ``split`` (all rows when ``split`` is None), ascending."""
+    n = group["s2"].shape[0]
+    if split is None:
+        return np.arange(n)
+    if table is None:
+        raise ValueError(f"split={split!r} needs the store's sample table (table=...)")
+    if "split" not in table:
+        raise DataError(_where(group), "the sample table has no 'split' column")
+    if len(table) != n:
+        raise DataError(_where(group), f"the sample table has {len(table)} rows for {n} samples")
+    return np.flatnonzero(table["split"].to_numpy() == split)
+
+
+def _read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Read sorted rows: one slice when they are contiguous, else one orthogonal selection."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return array[int(rows[0]) : int(rows[-1]) + 1]
+    return array.oindex[rows]
+
+
+def band_stats(
+    store: Path | zarr.Group,
+    table: pd.DataFrame | None = None,
+    split: str | None = "train",
+    block: int = 64,
+) -> dict[str, dict[str, float]]:
+    """``{band: {"mean", "std", "count"}}`` over the valid pixels of ``split``'s samples.
+
+    Covers the ``s2`` bands (by the store's band names) and, when the store has ``rgb``, the
+    channels ``R``, ``G``, ``B``. ``block`` samples are read and reduced at a time.
+    """
+    group = store if isinstance(store, zarr.Group) else open_store(store)
+    rows = _split_rows(group, table, split)
+    if len(rows) == 0:
+        raise DataError(_where(group), f"no samples in split {split!r} to compute statistics on")
+    names = {"s2": store_bands(group)}
+    if "rgb" in group.array_keys():
+        names["rgb"] = RGB_CHANNELS
+    arrays = {name: group[name] for name in names}
+    moments = {name: Moments.empty(len(bands)) for name, bands in names.items()}
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        for name, array in arrays.items():
+            moments[name] = moments[name].merge(Moments.of_block(_read_rows(array, part)))
+    stats: dict[str, dict[str, float]] = {}
+    for name, bands in names.items():
+        m = moments[name]
+        for i, band in enumerate(bands):
+            if m.count[i] == 0:
+                raise DataError(_where(group), f"band {band} has no non-zero pixel in {split!r}")
+            std = float(np.sqrt(m.m2[i] / m.count[i]))
+            stats[band] = {"mean": float(m.mean[i]), "std": std, "count": int(m.count[i])}
+    log.info("band statistics over %d samples of split %r: %s", len(rows), split, stats)
+    return stats
+
+
+def write_stats(store: Path, stats: dict, json_path: Path) -> None:
+    """Record ``stats`` in the store's attrs (for readers of the store) and a JSON file (for
+    Snakemake and humans)."""
+    open_store(store)
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
+    group.attrs["stats"] = stats
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, json_path)
+
+
+def read_stats(store: Path | zarr.Group) -> dict:
+    """The ``stats`` attr of a store, or a clear error when the stats stage has not run."""
+    group = store if isinstance(store, zarr.Group) else open_store(store)
+    stats = group.attrs.get("stats")
+    if not isinstance(stats, dict):
+        raise DataError(
+            _where(group), "no 'stats' attribute: the stats stage has not run on this store"
+        )
+    return stats

@@ -1,0 +1,376 @@
+"""The pre-training store: per-job shard stores, their merge into one Zarr v3 group, and readers.
+
+Harmonise jobs run in parallel, so each writes its own *shard store* (a directory holding a
+small Zarr group and a Parquet table) and never touches a shared file. The merge stage then
+orders every sample by its global ``order`` key and writes the final store once, one Zarr shard
+at a time, so each shard file is written exactly once and compressed only once.
+
+Final store layout (see DESIGN.md, "Pre-training store"): a Zarr v3 group with ``s2`` uint16
+``(N, 10, T, T)`` in ``MS_BANDS`` order and, when built with RGB, ``rgb`` uint8 ``(N, 3, T, T)``;
+chunks of one sample inside shards of ``samples_per_shard`` samples; Blosc zstd with bitshuffle.
+The per-sample table (row i describes sample i, with an ``index`` column) lives beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec
+
+from deo.data.bands import BY_NAME, MS_BANDS
+from deo.errors import DataError
+
+log = logging.getLogger(__name__)
+
+RGB_CHANNELS: tuple[str, ...] = ("R", "G", "B")
+"""Channel names of the ``rgb`` array, in array order (also the keys of their statistics)."""
+
+SHARD_ARRAYS = "arrays.zarr"
+SHARD_TABLE = "table.parquet"
+SHARD_ATTR = "deo_shard"
+RESERVED_META = ("position", "index")
+"""Table columns the store code owns: a caller's meta dict must not use them."""
+
+STORE_ATTRS = ("bands", "wavelengths_nm", "tile_size", "gsd_m")
+"""Group attributes set by ``merge_shards`` itself; callers' provenance attrs may not shadow them."""
+
+
+def _array_shapes(tile_size: int, with_rgb: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-sample shape and dtype of each array, the single definition used by writer and merge."""
+    shapes = {"s2": ((len(MS_BANDS), tile_size, tile_size), np.dtype(np.uint16))}
+    if with_rgb:
+        shapes["rgb"] = ((len(RGB_CHANNELS), tile_size, tile_size), np.dtype(np.uint8))
+    return shapes
+
+
+def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write via a temporary file and rename, so a killed job never leaves a truncated table."""
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """A harmonise job's partial store: preallocated ``(n, ...)`` arrays + a metadata table.
+
+    ``path`` is a directory holding ``arrays.zarr`` (one chunk per sample, light compression:
+    the data is temporary) and ``table.parquet`` (one row per written sample, with its
+    ``position`` in the arrays). Re-opening an existing shard resumes it: ``done_keys`` says
+    which inputs are already in, so a killed job skips them. The table is only rewritten after
+    the arrays were written, so a key listed there always has its data on disk.
+    """
+
+    def __init__(
+        self, path: Path, n: int, tile_size: int, with_rgb: bool, *, flush_every: int = 64
+    ) -> None:
+        self.path = Path(path)
+        self.n = n
+        self.tile_size = tile_size
+        self.with_rgb = with_rgb
+        self.flush_every = flush_every
+        self._shapes = _array_shapes(tile_size, with_rgb)
+        self._rows: dict[int, dict[str, Any]] = {}
+        self._positions: dict[str, int] = {}
+        self._unflushed = 0
+        expected = {"n": n, "tile_size": tile_size, "with_rgb": with_rgb}
+        arrays_path = self.path / SHARD_ARRAYS
+        if (arrays_path / "zarr.json").exists():
+            group = zarr.open_group(arrays_path, mode="r+", zarr_format=3)
+            found = group.attrs.get(SHARD_ATTR)
+            if found != expected:
+                raise DataError(
+                    self.path, f"existing shard store has {found}, this job asks {expected}"
+                )
+            self._load_table()
+            log.info("resuming shard %s: %d of %d samples done", self.path, len(self._rows), n)
+        else:
+            group = self._create(arrays_path, expected)
+            self.flush()
+        self._arrays = {name: group[name] for name in self._shapes}
+
+    def _create(self, arrays_path: Path, expected: dict[str, Any]) -> zarr.Group:
+        self.path.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(arrays_path, mode="w", zarr_format=3)
+        codec = BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
+        for name, (shape, dtype) in self._shapes.items():
+            group.create_array(
+                name,
+                shape=(self.n, *shape),
+                dtype=dtype,
+                chunks=(1, *shape),
+                compressors=codec,
+                fill_value=0,
+            )
+        group.attrs[SHARD_ATTR] = expected
+        return group
+
+    def _load_table(self) -> None:
+        table_path = self.path / SHARD_TABLE
+        if not table_path.exists():
+            return
+        for row in read_shard_table(self.path).to_dict("records"):
+            self._rows[int(row["position"])] = row
+            self._positions[str(row["key"])] = int(row["position"])
+
+    @property
+    def done_keys(self) -> set[str]:
+        """``meta["key"]`` of every sample already written (a resumed job skips these)."""
+        return set(self._positions)
+
+    def _check_array(self, name: str, value: np.ndarray | None) -> np.ndarray:
+        shape, dtype = self._shapes[name]
+        if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype:
+            got = "None" if value is None else f"{getattr(value, 'shape', '?')} {value.dtype}"
+            raise ValueError(f"{name} must be a {dtype} array of shape {shape}, got {got}")
+        return value
+
+    def write(self, position: int, s2: np.ndarray, rgb: np.ndarray | None, meta: dict) -> None:
+        """Write one sample at ``position``; ``meta`` needs ``key`` (str) and ``order`` (int).
+
+        Re-writing the same key at the same position is allowed (a resumed job may repeat the
+        sample it was killed on); a key at two positions, or two keys at one, is a bug.
+        """
+        if not 0 <= position < self.n:
+            raise ValueError(f"position {position} is outside this shard's [0, {self.n})")
+        key, order = meta.get("key"), meta.get("order")
+        if not isinstance(key, str):
+            raise TypeError(f"meta['key'] must be a str, got {key!r}")
+        if not isinstance(order, int | np.integer) or isinstance(order, bool):
+            raise TypeError(f"meta['order'] must be an int, got {order!r}")
+        if clash := [c for c in RESERVED_META if c in meta]:
+            raise ValueError(f"meta may not use the reserved column(s) {clash}")
+        if self._positions.get(key, position) != position:
+            raise ValueError(f"key {key!r} was already written at position {self._positions[key]}")
+        held = self._rows.get(position, {}).get("key", key)
+        if held != key:
+            raise ValueError(f"position {position} already holds key {held!r}, not {key!r}")
+        arrays = {"s2": self._check_array("s2", s2)}
+        if self.with_rgb:
+            arrays["rgb"] = self._check_array("rgb", rgb)
+        elif rgb is not None:
+            raise ValueError("this shard was created without RGB, but an rgb array was given")
+        for name, value in arrays.items():
+            self._arrays[name][position] = value
+        self._rows[position] = {"position": position, **meta, "order": int(order)}
+        self._positions[key] = position
+        self._unflushed += 1
+        if self._unflushed >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Persist the table, so a job killed after this point resumes without redoing work."""
+        rows = [self._rows[p] for p in sorted(self._rows)]
+        df = pd.DataFrame(rows) if rows else _empty_shard_table()
+        _write_parquet_atomic(df, self.path / SHARD_TABLE)
+        self._unflushed = 0
+
+    def close(self) -> None:
+        self.flush()
+        log.info("closed shard %s: %d of %d positions written", self.path, len(self._rows), self.n)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _empty_shard_table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "position": pd.Series(dtype="int64"),
+            "key": pd.Series(dtype="object"),
+            "order": pd.Series(dtype="int64"),
+        }
+    )
+
+
+def read_shard_table(path: Path) -> pd.DataFrame:
+    """The metadata table of a shard store (one row per written sample, with ``position``)."""
+    table_path = Path(path) / SHARD_TABLE
+    if not table_path.exists():
+        raise DataError(path, f"not a shard store: {SHARD_TABLE} is missing")
+    return pd.read_parquet(table_path)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    path: Path
+    arrays: dict[str, zarr.Array]
+    table: pd.DataFrame
+    tile_size: int
+    with_rgb: bool
+
+
+def _open_shard(path: Path) -> _Shard:
+    path = Path(path)
+    try:
+        group = zarr.open_group(path / SHARD_ARRAYS, mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        raise DataError(path, f"not a shard store: no Zarr group at {SHARD_ARRAYS}") from e
+    info = group.attrs.get(SHARD_ATTR)
+    if not isinstance(info, dict):
+        raise DataError(path, f"not a shard store: the group has no '{SHARD_ATTR}' attribute")
+    arrays = {name: group[name] for name in group.array_keys()}
+    return _Shard(path, arrays, read_shard_table(path), info["tile_size"], info["with_rgb"])
+
+
+def _merged_table(shards: Sequence[_Shard]) -> pd.DataFrame:
+    """All shards' rows in global ``order`` (ties broken by key), tagged with their shard."""
+    tables = [s.table.assign(_shard=i) for i, s in enumerate(shards)]
+    table = pd.concat(tables, ignore_index=True) if tables else _empty_shard_table()
+    dup = table["key"].duplicated(keep=False)
+    if dup.any():
+        key = table.loc[dup, "key"].iloc[0]
+        where = table.loc[table["key"] == key, "_shard"].tolist()
+        raise DataError(
+            shards[where[-1]].path,
+            f"duplicate sample key {key!r} (also in {[str(shards[i].path) for i in where[:-1]]})",
+        )
+    return table.sort_values(["order", "key"], kind="stable", ignore_index=True)
+
+
+def _check_consistent(shards: Sequence[_Shard]) -> None:
+    first = shards[0]
+    for s in shards[1:]:
+        if (s.tile_size, s.with_rgb) != (first.tile_size, first.with_rgb):
+            raise DataError(
+                s.path,
+                f"shard has tile_size={s.tile_size}, rgb={s.with_rgb} but {first.path} has "
+                f"tile_size={first.tile_size}, rgb={first.with_rgb}",
+            )
+
+
+def _gather(shards: Sequence[_Shard], block: pd.DataFrame, name: str) -> np.ndarray:
+    """Read one block of samples (in block order) from whichever shard stores hold them."""
+    first = shards[0].arrays[name]
+    out = np.empty((len(block), *first.shape[1:]), dtype=first.dtype)
+    for shard_id, rows in block.groupby("_shard").indices.items():
+        positions = block["position"].to_numpy()[rows]
+        out[rows] = shards[shard_id].arrays[name].oindex[positions]
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+
+
+def merge_shards(
+    shards: Sequence[Path],
+    out_store: Path,
+    out_table: Path,
+    *,
+    samples_per_shard: int,
+    clevel: int,
+    attrs: dict,
+    gsd_m: float | None = None,
+) -> int:
+    """Merge shard stores into the final store and table; returns the number of samples N.
+
+    Everything is written under ``<out_store>.tmp`` / ``<out_table>.tmp`` and renamed at the
+    end, so a killed merge never leaves a half-written store at the output path.
+    """
+    out_store, out_table = Path(out_store), Path(out_table)
+    if clash := sorted(set(attrs) & set(STORE_ATTRS)):
+        raise ValueError(f"attrs may not set {clash}: merge_shards writes them itself")
+    if not shards:
+        raise DataError(out_store, "no samples: no shard stores were given to merge")
+    opened = [_open_shard(p) for p in shards]
+    _check_consistent(opened)
+    table = _merged_table(opened)
+    n = len(table)
+    if n == 0:
+        raise DataError(out_store, f"no samples: all {len(opened)} shard stores are empty")
+    tile_size, with_rgb = opened[0].tile_size, opened[0].with_rgb
+
+    tmp_store = out_store.with_name(out_store.name + ".tmp")
+    if tmp_store.exists():
+        shutil.rmtree(tmp_store)
+    group = zarr.open_group(tmp_store, mode="w", zarr_format=3)
+    arrays = {}
+    for name, (shape, dtype) in _array_shapes(tile_size, with_rgb).items():
+        arrays[name] = group.create_array(
+            name,
+            shape=(n, *shape),
+            dtype=dtype,
+            chunks=(1, *shape),
+            shards=(samples_per_shard, *shape),
+            compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle"),
+            fill_value=0,
+        )
+    for start in range(0, n, samples_per_shard):
+        block = table.iloc[start : start + samples_per_shard]
+        for name, array in arrays.items():
+            array[start : start + len(block)] = _gather(opened, block, name)
+        log.info("merged samples %d-%d of %d", start, start + len(block), n)
+    group.attrs.update(
+        {
+            "bands": list(MS_BANDS),
+            "wavelengths_nm": [BY_NAME[b].wavelength_nm for b in MS_BANDS],
+            "tile_size": tile_size,
+            **({"gsd_m": gsd_m} if gsd_m is not None else {}),
+            **attrs,
+        }
+    )
+
+    final = table.drop(columns=["position", "_shard"]).assign(index=np.arange(n, dtype=np.int64))
+    out_table.parent.mkdir(parents=True, exist_ok=True)
+    tmp_table = out_table.with_name(out_table.name + ".tmp")
+    final.to_parquet(tmp_table, index=False)
+    _replace_dir(tmp_store, out_store)
+    os.replace(tmp_table, out_table)
+    log.info(
+        "wrote %s (%d samples from %d shard stores) and %s", out_store, n, len(opened), out_table
+    )
+    return n
+
+
+def open_store(path: Path) -> zarr.Group:
+    """Open a final store read-only, failing with a message that says what is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such pre-training store; run the merge stage first")
+    try:
+        group = zarr.open_group(path, mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        raise DataError(path, "not a Zarr v3 group (no zarr.json): not a DEO store") from e
+    if "s2" not in group.array_keys():
+        raise DataError(path, "not a DEO pre-training store: the 's2' array is missing")
+    missing = [a for a in ("bands", "tile_size") if a not in group.attrs]
+    if missing:
+        raise DataError(path, f"not a DEO pre-training store: group attrs {missing} are missing")
+    return group
+
+
+def store_bands(group: zarr.Group) -> tuple[str, ...]:
+    """Band names of the ``s2`` array, in channel order."""
+    return tuple(group.attrs["bands"])
+
+
+def read_store_table(path: Path, group: zarr.Group) -> pd.DataFrame:
+    """The per-sample table of a store, checked to describe exactly the store's N samples."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such sample table; run the merge stage first")
+    table = pd.read_parquet(path)
+    n = group["s2"].shape[0]
+    if (
+        len(table) != n
+        or "index" not in table
+        or not (table["index"].to_numpy() == np.arange(n)).all()
+    ):
+        raise DataError(
+            path, f"table does not match the store: expected rows with index 0..{n - 1}"
+        )
+    return table
