@@ -1,3 +1,3 @@
-"""DEO: dual-teacher distillation for multispectral Earth observation, as a reproducible pipeline."""
+"""DEO: dual-teacher distillation for multispectral Earth observation, as a pipeline."""
 
 __version__ = "0.1.0"

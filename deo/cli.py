@@ -55,7 +55,9 @@ def _verify(a: argparse.Namespace) -> None:
 
     problems = verify_manifest(a.manifest)
     if problems:
-        raise DeoError(f"{a.manifest}: {len(problems)} file(s) fail verification: " + "; ".join(problems))
+        raise DeoError(
+            f"{a.manifest}: {len(problems)} file(s) fail verification: " + "; ".join(problems)
+        )
     a.out.write_text(json.dumps({"manifest": str(a.manifest), "verified": True}))
 
 
@@ -83,14 +85,28 @@ def _fetch_rgb(a: argparse.Namespace) -> None:
 def _pair(a: argparse.Namespace) -> None:
     from deo.data.stages import pair
 
-    pair(a.selection, a.sentinel_root, a.rgb_root, a.rgb_record, a.out, a.rejects, a.counts)
+    cfg = data_config(a.data, "sentinel")
+    prefix = cfg.sentinel.archive_prefix
+    pair(
+        a.selection,
+        a.sentinel_root,
+        a.rgb_root,
+        a.rgb_record,
+        a.extract_skipped,
+        prefix,
+        a.out,
+        a.rejects,
+        a.counts,
+    )
 
 
 def _harmonise(a: argparse.Namespace) -> None:
     from deo.data.stages import harmonise_shard
 
     cfg = data_config(a.data, "harmonise", "rgb")
-    harmonise_shard(a.pairs, a.shard, cfg.harmonise.shards, cfg.harmonise, cfg.rgb.enabled, a.out, a.rejects)
+    harmonise_shard(
+        a.pairs, a.shard, cfg.harmonise.shards, cfg.harmonise, cfg.rgb.enabled, a.out, a.rejects
+    )
 
 
 def _merge(a: argparse.Namespace) -> None:
@@ -101,8 +117,9 @@ def _merge(a: argparse.Namespace) -> None:
 
 
 def _stats(a: argparse.Namespace) -> None:
-    from deo.data.stats import band_stats, write_stats
     import pandas as pd
+
+    from deo.data.stats import band_stats, write_stats
 
     stats = band_stats(a.store, pd.read_parquet(a.table), split=a.split)
     write_stats(a.store, stats, a.out)
@@ -114,7 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def cmd(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+    def cmd(
+        name: str, fn: Callable[[argparse.Namespace], None], help: str
+    ) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help, description=help)
         s.set_defaults(fn=fn)
         return s
@@ -154,7 +173,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--record", type=Path, required=True)
 
     s = cmd("pair", _pair, "join each scene with its RGB partner")
-    for name in ("--selection", "--sentinel-root", "--out", "--rejects", "--counts"):
+    data_arg(s)
+    for name in (
+        "--selection",
+        "--sentinel-root",
+        "--extract-skipped",
+        "--out",
+        "--rejects",
+        "--counts",
+    ):
         s.add_argument(name, type=Path, required=True)
     s.add_argument("--rgb-root", type=Path, help="omit for an MS-only store")
     s.add_argument("--rgb-record", type=Path, help="the fetch-rgb record")

@@ -14,14 +14,14 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from deo.data.fetch import FetchItem, Manifest, fetch_all, require_ok, verify_manifest
 from deo.errors import DataError
 
-pytestmark = pytest.mark.timeout(30)
+# fetch_all waits for its worker threads, so only the thread method can stop a hung test.
+pytestmark = pytest.mark.timeout(30, method="thread")
 
 FAST = {"backoff": 0.01, "retries": 3, "timeout": 5.0, "progress": False, "chunk_size": 4096}
 
@@ -56,7 +56,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: Server
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 -- stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         """Keep the test output quiet."""
 
     def do_GET(self) -> None:
@@ -362,16 +362,28 @@ def test_require_ok_names_failed_file(server, tmp_path):
     require_ok(results[:1])
 
 
+def closed_port() -> int:
+    """A loopback port with nothing listening, so connecting is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_secrets_never_logged(server, tmp_path, caplog):
     base, _ = server
-    url = base.replace("http://", "http://user:hunter2@") + "/missing/s.bin?token=s3cr3t"
+    secret = "user:hunter2@"
+    refused = f"http://{secret}127.0.0.1:{closed_port()}/r.bin?token=s3cr3t"
+    missing = base.replace("http://", f"http://{secret}") + "/missing/s.bin?token=s3cr3t"
+    items = [FetchItem(refused, tmp_path / "r.bin"), FetchItem(missing, tmp_path / "s.bin")]
     caplog.set_level(logging.DEBUG, logger="deo")
 
-    [result] = fetch_all([FetchItem(url, tmp_path / "s.bin")], tmp_path / "m.json", **FAST)
+    results = fetch_all(items, tmp_path / "m.json", **FAST)
 
-    assert not result.ok
-    for text in (caplog.text, result.error):
-        assert "hunter2" not in text and "s3cr3t" not in text
+    assert [result.ok for result in results] == [False, False]
+    assert "connection failed" in results[0].error
+    for text in (caplog.text, *(result.error for result in results)):
+        assert "hunter2" not in text
+        assert "s3cr3t" not in text
     assert "/missing/s.bin" in caplog.text
 
 
@@ -388,7 +400,7 @@ def test_s3_without_boto3_fails_cleanly(tmp_path, monkeypatch):
 
 def test_duplicate_destinations_rejected(tmp_path):
     dest = tmp_path / "same.bin"
-    with pytest.raises(ValueError, match="same.bin"):
+    with pytest.raises(ValueError, match=r"same\.bin"):
         fetch_all([FetchItem("file:///a", dest), FetchItem("file:///b", dest)], tmp_path / "m")
 
 

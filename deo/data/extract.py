@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 _COPY_BLOCK = 1 << 20
 _MAGIC_OPENERS: tuple[tuple[bytes, Callable[[Path], IO[bytes]]], ...] = (
-    (b"\x1f\x8b", lambda path: gzip.open(path, "rb")),
-    (b"BZh", lambda path: bz2.open(path, "rb")),
-    (b"\xfd7zXZ\x00", lambda path: lzma.open(path, "rb")),
+    (b"\x1f\x8b", gzip.open),
+    (b"BZh", bz2.open),
+    (b"\xfd7zXZ\x00", lzma.open),
 )
 _CORRUPTION = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 

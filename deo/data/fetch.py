@@ -150,8 +150,11 @@ class Manifest:
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file on disk, read in blocks so huge archives are fine."""
+    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for block in iter(partial(handle.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def redact(url: str) -> str:
@@ -216,9 +219,7 @@ def _open_http(url: str, offset: int, fetcher: _Fetcher) -> _Body:
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        response = fetcher.session().get(
-            url, headers=headers, stream=True, timeout=fetcher.timeout
-        )
+        response = fetcher.session().get(url, headers=headers, stream=True, timeout=fetcher.timeout)
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise _Retryable(f"connection failed: {exc}") from exc
     status = response.status_code
@@ -358,6 +359,7 @@ class _Fetcher:
         return client
 
     def close(self) -> None:
+        """Release the pooled connections of every thread's session."""
         with self._lock:
             for session in self._sessions:
                 session.close()
@@ -373,16 +375,14 @@ class _Fetcher:
         """Fetch one item, turning every failure into a result instead of an exception."""
         dest = Path(item.dest)
         try:
-            result = self._check_existing(item) if dest.exists() else self._download(item)
+            return self._check_existing(item) if dest.exists() else self._download(item)
         except _Fatal as exc:
             error = _scrub(str(exc))
-        except Exception as exc:  # noqa: BLE001 -- callers decide which failures are fatal
+        except Exception as exc:  # any failure becomes a result: callers decide what is fatal
             error = _scrub(f"{type(exc).__name__}: {exc}")
-        else:
+        finally:
             self._advance(file_done=True)
-            return result
         log.error("fetching %s -> %s failed: %s", redact(item.url), dest, error)
-        self._advance(file_done=True)
         return FetchResult(item, False, error, None, None, False)
 
     def _check_existing(self, item: FetchItem) -> FetchResult:
@@ -427,10 +427,8 @@ class _Fetcher:
                 if failures > self.retries:
                     raise _Fatal(f"{exc} (gave up after {self.retries} retries)") from exc
                 delay = min(self.backoff * 2 ** max(failures - 1, 0), _MAX_DELAY)
-                delay += random.uniform(0, self.backoff / 2)  # noqa: S311 -- jitter, not crypto
-                log.warning(
-                    "%s: %s; retrying in %.2fs", redact(item.url), _scrub(str(exc)), delay
-                )
+                delay += random.uniform(0, self.backoff / 2)
+                log.warning("%s: %s; retrying in %.2fs", redact(item.url), _scrub(str(exc)), delay)
                 time.sleep(delay)
 
     def _transfer(self, item: FetchItem, part: Path) -> tuple[int, str]:

@@ -1,4 +1,4 @@
-"""fMoW conventions: the Sentinel CSVs, file layouts of fMoW-Sentinel and fMoW-RGB, and pairing stems.
+"""fMoW conventions: the Sentinel CSVs, the file layouts of both datasets, and pairing stems.
 
 fMoW-Sentinel scene ``<split>/<cat>/<cat>_<loc>/<cat>_<loc>_<image_id>.tif`` and fMoW-RGB image
 ``<split>/<cat>/<cat>_<loc>/<cat>_<loc>_<t>_rgb.{jpg,json}`` are partners when ``image_id == t``;
@@ -56,7 +56,9 @@ def read_scene_csv(path: Path, split: str) -> pd.DataFrame:
         bad = values.isna() | (values != values.round())
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
-            raise DataError(path, f"column {col!r} must hold integers; row {row + 2} has {df[col][row]!r}")
+            raise DataError(
+                path, f"column {col!r} must hold integers; row {row + 2} has {df[col][row]!r}"
+            )
         df[col] = values.astype("int64")
     df = df[list(CSV_COLUMNS)].copy()
     df.insert(0, "split", split)

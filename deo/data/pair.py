@@ -15,8 +15,6 @@ import pandas as pd
 from deo.data.fmow import rgb_relpaths
 from deo.data.rejects import Reject
 
-FETCH_COLUMNS: tuple[str, ...] = ("dest", "ok", "error")
-
 
 @dataclass
 class PairResult:
@@ -29,19 +27,20 @@ def pair_scenes(
     selection: pd.DataFrame,
     sentinel_root: Path,
     rgb_root: Path | None,
-    rgb_fetch: pd.DataFrame | None = None,
+    failures: dict[str, str] | None = None,
 ) -> PairResult:
     """Resolve local files for each selected scene; ``rgb_root=None`` means no optical partners.
 
-    ``rgb_fetch`` holds the fetch stage's outcome per partner file (columns ``dest``, ``ok``,
-    ``error``), so a failed download is reported with its real reason, not as "missing".
+    ``failures`` maps a local path to why an earlier stage (fetch, extract) could not provide
+    it, so an absent file is reported with its real reason rather than as merely absent.
     """
-    failures = _fetch_failures(rgb_fetch)
+    failures = failures or {}
     rows, rejects, counts = [], [], Counter()
     for scene in selection.itertuples(index=False):
         s2 = sentinel_root / scene.s2_relpath
         if not s2.is_file():
-            rejects.append(Reject(str(s2), "pair", "file listed in the CSV is absent"))
+            reason = failures.get(str(s2), "file listed in the CSV is absent")
+            rejects.append(Reject(str(s2), "pair", reason))
             counts["rejected_missing_tif"] += 1
             continue
         jpg = meta = None
@@ -72,19 +71,14 @@ def pair_scenes(
                 "pairing": status,
             }
         )
-    pairs = pd.DataFrame(rows, columns=[*selection.columns, "s2_path", "rgb_jpg", "rgb_json", "pairing"])
+    pairs = pd.DataFrame(
+        rows, columns=[*selection.columns, "s2_path", "rgb_jpg", "rgb_json", "pairing"]
+    )
     pairs["order"] = range(len(pairs))
     return PairResult(pairs, rejects, dict(counts))
 
 
-def _fetch_failures(rgb_fetch: pd.DataFrame | None) -> dict[str, str]:
-    if rgb_fetch is None or rgb_fetch.empty:
-        return {}
-    failed = rgb_fetch[~rgb_fetch["ok"].astype(bool)]
-    return {str(Path(d)): str(e) for d, e in zip(failed["dest"], failed["error"])}
-
-
 def _missing_reason(path: Path, failures: dict[str, str]) -> str:
     if str(path) in failures:
-        return f"partner download failed: {failures[str(path)]}"
+        return failures[str(path)]
     return "partner file absent"

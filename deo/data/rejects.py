@@ -37,7 +37,9 @@ def read_rejects(path: Path) -> list[Reject]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise DataError(path, f"rejects table must have columns {COLUMNS}, got {reader.fieldnames}")
+            raise DataError(
+                path, f"rejects table must have columns {COLUMNS}, got {reader.fieldnames}"
+            )
         return [Reject(**{k.name: row[k.name] for k in fields(Reject)}) for row in reader]
 
 
@@ -45,14 +47,16 @@ def summarise(rejects: Sequence[Reject], worst: int = 5) -> str:
     """The most frequent reasons with an example path each, for error messages and logs."""
     by_reason = Counter(r.reason for r in rejects)
     example = {r.reason: r.path for r in reversed(rejects)}
-    lines = [f"{n} × {reason} (e.g. {example[reason]})" for reason, n in by_reason.most_common(worst)]
+    lines = [
+        f"{n} × {reason} (e.g. {example[reason]})" for reason, n in by_reason.most_common(worst)
+    ]
     return "; ".join(lines)
 
 
 def check_reject_fraction(
     rejects: Sequence[Reject], n_total: int, bound: float, where: str | Path
 ) -> None:
-    """Fail when more than ``bound`` of ``n_total`` inputs were rejected, naming the worst offenders."""
+    """Fail when more than ``bound`` of ``n_total`` inputs were rejected, naming the worst."""
     if n_total == 0:
         raise DataError(where, "no inputs selected; check data.max_samples and the source CSVs")
     fraction = len(rejects) / n_total

@@ -55,7 +55,9 @@ def fetch_files(
     require_ok(results)
 
 
-def fetch_partners(selection: Path, base_url: str, dest_dir: Path, record: Path, *, cfg: DataConfig) -> None:
+def fetch_partners(
+    selection: Path, base_url: str, dest_dir: Path, record: Path, *, cfg: DataConfig
+) -> None:
     """Fetch the fMoW-RGB partners of the selected scenes; a failed file is recorded, not fatal."""
     scenes = pd.read_parquet(selection)
     items = [
@@ -96,10 +98,14 @@ def select(csv_dir: Path, sentinel: SentinelSource, selection: SelectionConfig, 
     log.info("selected %d of %d scenes from %s", len(chosen), len(scenes), list(selection.splits))
 
 
-def extract(archive: Path, selection: Path, prefix: str, dest: Path, record: Path, skipped: Path) -> None:
+def extract(
+    archive: Path, selection: Path, prefix: str, dest: Path, record: Path, skipped: Path
+) -> None:
     """Extract only the selected scenes from the (streamed) archive."""
     wanted = {prefix + p for p in pd.read_parquet(selection)["s2_relpath"]}
-    report = extract_tar(archive, dest, wanted=wanted.__contains__, strip_components=prefix.count("/"))
+    report = extract_tar(
+        archive, dest, wanted=wanted.__contains__, strip_components=prefix.count("/")
+    )
     write_skipped_csv(report, skipped)
     record.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"member": report.extracted}).to_csv(record, index=False)
@@ -110,12 +116,26 @@ def pair(
     sentinel_root: Path,
     rgb_root: Path | None,
     rgb_record: Path | None,
+    extract_skipped: Path,
+    prefix: str,
     out: Path,
     rejects: Path,
     counts: Path,
 ) -> None:
-    fetched = pd.read_csv(rgb_record, keep_default_na=False) if rgb_record else None
-    result = pair_scenes(pd.read_parquet(selection), sentinel_root, rgb_root, fetched)
+    failures = {
+        str(sentinel_root / member.removeprefix(prefix)): f"refused by extract: {reason}"
+        for member, reason in pd.read_csv(extract_skipped, keep_default_na=False).itertuples(
+            index=False
+        )
+    }
+    if rgb_record is not None:
+        fetched = pd.read_csv(rgb_record, keep_default_na=False)
+        failed = fetched[~fetched["ok"].astype(bool)]
+        failures |= {
+            str(Path(dest)): f"partner download failed: {error}"
+            for dest, error in zip(failed["dest"], failed["error"], strict=True)
+        }
+    result = pair_scenes(pd.read_parquet(selection), sentinel_root, rgb_root, failures)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.pairs.to_parquet(out, index=False)
     write_rejects(result.rejects, rejects)
@@ -124,7 +144,13 @@ def pair(
 
 
 def harmonise_shard(
-    pairs: Path, shard: int, n_shards: int, cfg: HarmoniseConfig, with_rgb: bool, out: Path, rejects: Path
+    pairs: Path,
+    shard: int,
+    n_shards: int,
+    cfg: HarmoniseConfig,
+    with_rgb: bool,
+    out: Path,
+    rejects: Path,
 ) -> None:
     """Harmonise every ``n_shards``-th scene starting at ``shard`` into a shard store.
 
@@ -157,7 +183,9 @@ def harmonise_shard(
                 found.append(Reject(e.path, "harmonise", e.problem))
         if with_rgb and rgb is None:
             rgb = _blank_rgb(cfg.tile_size)
-        writer.write(position, s2, rgb, _sample_meta(scene, rgb_info, s2_info, has_rgb=bool(rgb_info)))
+        writer.write(
+            position, s2, rgb, _sample_meta(scene, rgb_info, s2_info, has_rgb=bool(rgb_info))
+        )
     writer.close()
     if out.exists():
         shutil.rmtree(out)
@@ -213,7 +241,9 @@ def merge(
     rejects = [r for t in reject_tables for r in read_rejects(t)]
     write_rejects(rejects, out_rejects)
     selected = pd.read_parquet(pairs)
-    n_partners = int(selected["rgb_jpg"].notna().sum() + (selected["pairing"] == "partner_missing").sum())
+    n_partners = int(
+        selected["rgb_jpg"].notna().sum() + (selected["pairing"] == "partner_missing").sum()
+    )
     partner_rejects = [r for r in rejects if fmow.is_rgb_path(r.path)]
     scene_rejects = [r for r in rejects if not fmow.is_rgb_path(r.path)]
     n_scenes = len(selected) + sum(r.stage == "pair" for r in scene_rejects)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from deo.data.store import RGB_CHANNELS, open_store, store_bands
+from deo.data.store import RGB_CHANNELS, open_store, read_rows, store_bands
 from deo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,6 @@ def _split_rows(group: zarr.Group, table: pd.DataFrame | None, split: str | None
     return np.flatnonzero(table["split"].to_numpy() == split)
 
 
-def _read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
-    """Read sorted rows: one slice when they are contiguous, else one orthogonal selection."""
-    if rows[-1] - rows[0] + 1 == len(rows):
-        return array[int(rows[0]) : int(rows[-1]) + 1]
-    return array.oindex[rows]
-
-
 def band_stats(
     store: Path | zarr.Group,
     table: pd.DataFrame | None = None,
@@ -115,7 +108,7 @@ def band_stats(
     for start in range(0, len(rows), block):
         part = rows[start : start + block]
         for name, array in arrays.items():
-            moments[name] = moments[name].merge(Moments.of_block(_read_rows(array, part)))
+            moments[name] = moments[name].merge(Moments.of_block(read_rows(array, part)))
     stats: dict[str, dict[str, float]] = {}
     for name, bands in names.items():
         m = moments[name]

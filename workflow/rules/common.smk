@@ -56,7 +56,11 @@ def rgb_args(wildcards, input):
 
 
 def pair_inputs(wildcards):
-    inputs = {"selection": "results/data/selection.parquet", "extracted": "results/data/extracted.csv"}
+    inputs = {
+        "selection": "results/data/selection.parquet",
+        "extracted": "results/data/extracted.csv",
+        "skipped": "results/data/extract_skipped.csv",
+    }
     if DATA["rgb"]["enabled"]:
         inputs["rgb_record"] = "results/data/rgb_fetch.csv"
     return inputs

@@ -122,6 +122,7 @@ rule pair:
         rejects="results/data/rejects/pair.csv",
         counts="results/data/pair_counts.json",
     params:
+        data=data_params("sentinel"),
         sentinel_root=SCENES_DIR,
         rgb=rgb_args,
     log:
@@ -131,7 +132,8 @@ rule pair:
     conda:
         ENV
     shell:
-        "deo pair --selection {input.selection} --sentinel-root {params.sentinel_root}"
+        "deo pair --data {params.data:q} --selection {input.selection}"
+        " --sentinel-root {params.sentinel_root} --extract-skipped {input.skipped}"
         " {params.rgb} --out {output.pairs} --rejects {output.rejects}"
         " --counts {output.counts} 2> {log}"
 

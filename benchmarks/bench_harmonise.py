@@ -1,0 +1,132 @@
+"""Per-scene harmonisation cost against a bare read of the same GeoTIFFs, on one core.
+
+Writes a synthetic mirror (``deo.data.mirror``, no broken inputs) of about ``--scenes`` scenes
+to a temporary directory, extracts it, then times three passes over the same files:
+
+- bare read: ``rasterio.open(path).read()`` of all 13 bands, the floor any reader pays;
+- ``read_s2``: validation, the 10 model bands warped onto the ``--tile`` UTM grid;
+- ``read_s2`` + ``read_rgb``: plus the RGB partner decoded and co-registered where it exists.
+
+Each pass runs ``--repeats`` times after one warm-up pass (files in the page cache), and the
+best time is reported. Everything runs in this one process, so scenes/s is per core.
+
+    python benchmarks/bench_harmonise.py --scenes 256 --tile 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import rasterio
+
+from deo.config import HarmoniseConfig, MirrorConfig, SentinelSource
+from deo.data.harmonise import read_rgb, read_s2
+from deo.data.mirror import write_mirror
+
+log = logging.getLogger("bench_harmonise")
+
+Scene = tuple[Path, Path | None, Path | None]  # tif, partner jpg, partner json
+
+
+def build(root: Path, n_scenes: int, seed: int) -> list[Scene]:
+    """A mirror of at least ``n_scenes`` scenes, extracted; its scenes with their partners."""
+    base = MirrorConfig(seed=seed, bad_inputs=False)
+    per_location = base.images_per_location + base.ms_only_images_per_location
+    locations = math.ceil(n_scenes / (len(base.categories) * per_location))
+    cfg = MirrorConfig(seed=seed, bad_inputs=False, locations_per_category=locations)
+    source = SentinelSource()
+    write_mirror(
+        cfg, root, csvs=source.csvs, archive=source.archive, archive_prefix=source.archive_prefix
+    )
+    with tarfile.open(root / "sentinel" / source.archive) as tar:
+        tar.extractall(root / "scenes", filter="data")
+    scene_root = root / "scenes" / source.archive_prefix
+    scenes = []
+    for tif in sorted(scene_root.rglob("*.tif")):
+        stem = tif.relative_to(scene_root).with_suffix("")
+        jpg = root / "rgb" / f"{stem}_rgb.jpg"
+        partner = jpg.exists()
+        scenes.append(
+            (tif, jpg if partner else None, jpg.with_suffix(".json") if partner else None)
+        )
+    return scenes
+
+
+def best_of(repeats: int, run: Callable[[], None]) -> float:
+    """Best wall time of ``repeats`` runs after one warm-up run."""
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenes", type=int, default=128, help="about this many scenes")
+    parser.add_argument("--tile", type=int, default=64, help="harmonised tile size (pixels)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("deo").setLevel(logging.WARNING)
+    cfg = HarmoniseConfig(tile_size=args.tile, max_nodata_fraction=1.0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        scenes = build(Path(tmp), args.scenes, args.seed)
+        n_rgb = sum(jpg is not None for _, jpg, _ in scenes)
+        log.info(
+            "mirror: %d scenes (%d with an RGB partner) written in %.1f s",
+            len(scenes),
+            n_rgb,
+            time.perf_counter() - t0,
+        )
+
+        def bare() -> None:
+            for tif, _, _ in scenes:
+                with rasterio.open(tif) as src:
+                    src.read()
+
+        def s2_only() -> None:
+            for tif, _, _ in scenes:
+                read_s2(tif, cfg)
+
+        def s2_and_rgb() -> None:
+            for tif, jpg, meta in scenes:
+                _, grid, _ = read_s2(tif, cfg)
+                if jpg is not None and meta is not None:
+                    read_rgb(jpg, meta, grid, cfg)
+
+        timings = {
+            "bare `rasterio.open().read()`": best_of(args.repeats, bare),
+            "`read_s2`": best_of(args.repeats, s2_only),
+            "`read_s2` + `read_rgb`": best_of(args.repeats, s2_and_rgb),
+        }
+
+    floor = timings["bare `rasterio.open().read()`"]
+    log.info("tile %d px at %.0f m, best of %d", args.tile, cfg.gsd_m, args.repeats)
+    log.info("| method | scenes | seconds | scenes/s per core | ratio to bare read |")
+    log.info("|---|---:|---:|---:|---:|")
+    for name, seconds in timings.items():
+        log.info(
+            "| %s | %d | %.3f | %.0f | %.1f× |",
+            name,
+            len(scenes),
+            seconds,
+            len(scenes) / seconds,
+            seconds / floor,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Per-scene harmonisation: one Sentinel-2 scene and its fMoW-RGB partner onto one metric grid.
+
+Sentinel-2 (:func:`read_s2`)
+    fMoW-Sentinel GeoTIFFs are Google Earth Engine exports in EPSG:4326 whose pixel size in
+    metres depends on latitude, and their shapes vary. Every scene is brought to one grid of
+    ``gsd_m`` metres: a geographic (or non-metric) source is reprojected into the plain 6° WGS84
+    UTM zone of its centre (EPSG 326zz north, 327zz south; no Norway/Svalbard exceptions, so the
+    zone is a simple function of the centre), a metric source is resampled in its own CRS. The
+    ``tile_size`` × ``tile_size`` grid is centred on the scene centre, its origin snapped to the
+    source pixel lattice (metric source) or to whole multiples of ``gsd_m`` (UTM), so that a
+    10 m source is copied without interpolation. Each band group of one native resolution
+    (10/20/60 m) is warped with its own configured resampling in one ``reproject`` call. Padding
+    outside the source footprint is nodata and counts towards the nodata fraction that rejects
+    a scene.
+
+fMoW-RGB (:func:`read_rgb`)
+    The partner's metadata do not include a geotransform. Two ways to place it, in order:
+
+    1. ``gcp-affine``: the first bounding box is the pixel envelope of the object's lon/lat
+       polygon (``raw_location`` in the JSON, else the CSV polygon). The four box corners and
+       the four corners of the polygon's lon/lat envelope (top-left ↔ west/north, …) are
+       ground control points; their lon/lat is transformed into the grid CRS and the
+       pixel → grid affine is fitted by least squares. This recovers scale, offset and the
+       small rotation between the image and the UTM grid.
+    2. ``gsd-centred``: when there is no polygon or the box is degenerate, the image is placed
+       north-up with the JSON ``gsd`` as its pixel size, centred on the grid centre.
+
+    The three bands are then warped onto the grid with ``rgb_resampling`` (``average`` by
+    default: a 0.3–2 m image is downsampled to 10 m). Tile pixels outside the RGB footprint
+    stay 0. Large JPEGs are decoded at a reduced DCT scale (PIL ``draft``) when the reduced
+    pixels are still at most half a grid pixel, which keeps decoding cheap without changing
+    what averaging to the grid produces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.errors
+from affine import Affine
+from PIL import Image
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.warp import reproject, transform
+
+from deo.config import HarmoniseConfig
+from deo.data.bands import BY_NAME, MS_BANDS, SENTINEL2_BANDS, file_index
+from deo.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+WGS84 = CRS.from_epsg(4326)
+RGB_REQUIRED_KEYS: tuple[str, ...] = ("gsd", "img_width", "img_height", "bounding_boxes")
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+@dataclass(frozen=True)
+class TargetGrid:
+    """The metric grid a scene's tile lies on: square, north-up, ``size`` pixels a side."""
+
+    crs: CRS
+    transform: Affine
+    size: int
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return self.transform @ (self.size / 2, self.size / 2)
+
+
+def utm_epsg(lon: float, lat: float) -> int:
+    """EPSG code of the plain 6° WGS84 UTM zone containing (lon, lat)."""
+    zone = int((lon + 180.0) // 6.0) % 60 + 1
+    return (32600 if lat >= 0 else 32700) + zone
+
+
+# --- Sentinel-2 ---------------------------------------------------------------------------
+
+
+def read_s2(path: Path, cfg: HarmoniseConfig) -> tuple[np.ndarray, TargetGrid, dict[str, Any]]:
+    """Read one fMoW-Sentinel GeoTIFF as uint16 ``(10, T, T)`` in ``MS_BANDS`` order on its grid.
+
+    Raises :class:`DataError` naming ``path`` for an unreadable, truncated or malformed file
+    and for a scene whose nodata share (padding included) exceeds ``max_nodata_fraction``.
+    """
+    bands, src_crs, src_transform = _read_ms_bands(path)
+    grid, epsg = _target_grid(path, src_crs, src_transform, bands.shape[1:], cfg)
+    out = np.full((len(MS_BANDS), grid.size, grid.size), cfg.nodata, dtype=np.uint16)
+    for method, positions in _resampling_groups(cfg).items():
+        group = np.full((len(positions), grid.size, grid.size), cfg.nodata, dtype=np.uint16)
+        reproject(
+            bands[positions],
+            group,
+            src_transform=src_transform,
+            src_crs=src_crs,
+            src_nodata=cfg.nodata,
+            dst_transform=grid.transform,
+            dst_crs=grid.crs,
+            dst_nodata=cfg.nodata,
+            resampling=method,
+        )
+        out[positions] = group
+    nodata_fraction = float(np.all(out == cfg.nodata, axis=0).mean())
+    if nodata_fraction > cfg.max_nodata_fraction:
+        raise DataError(
+            path,
+            f"all-nodata or mostly nodata scene: {100 * nodata_fraction:.0f}% of pixels are nodata",
+        )
+    info = {
+        "src_crs": src_crs.to_string(),
+        "src_res_m": _pixel_size_m(src_crs, src_transform, bands.shape[1:], grid.crs),
+        "src_shape": list(bands.shape[1:]),
+        "utm_epsg": epsg,
+        "grid_crs": grid.crs.to_string(),
+        "grid_transform": list(grid.transform)[:6],
+        "nodata_fraction": round(nodata_fraction, 6),
+    }
+    return out, grid, info
+
+
+def _read_ms_bands(path: Path) -> tuple[np.ndarray, CRS, Affine]:
+    """The 10 model bands as uint16 ``(10, H, W)``, after checking band count, dtype and CRS."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        with rasterio.open(path) as src:
+            if src.count != len(SENTINEL2_BANDS):
+                raise DataError(path, f"expected 13 bands (B01..B12), found {src.count}")
+            dtypes = sorted(set(src.dtypes))
+            if not all(np.issubdtype(np.dtype(d), np.integer) for d in dtypes):
+                raise DataError(
+                    path, f"expected integer reflectance (uint16), found dtype {', '.join(dtypes)}"
+                )
+            if src.crs is None:
+                raise DataError(path, "GeoTIFF has no CRS")
+            data = src.read([file_index(b) + 1 for b in MS_BANDS])
+            crs, affine = src.crs, src.transform
+    except rasterio.errors.RasterioError as e:
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        raise DataError(path, f"truncated or corrupt GeoTIFF: {e}{cause}") from e
+    if data.dtype != np.uint16:
+        data = np.clip(data, 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    return data, crs, affine
+
+
+def _target_grid(
+    path: Path, src_crs: CRS, src_transform: Affine, shape: tuple[int, int], cfg: HarmoniseConfig
+) -> tuple[TargetGrid, int | None]:
+    """The grid centred on the scene centre, and the UTM EPSG code when the scene is reprojected.
+
+    The origin is snapped (to the source lattice, or to whole ``gsd_m`` in UTM) so that a
+    source already at ``gsd_m`` lands pixel-for-pixel on the grid.
+    """
+    height, width = shape
+    cx, cy = src_transform @ (width / 2, height / 2)
+    half = cfg.tile_size * cfg.gsd_m / 2
+    g = cfg.gsd_m
+    if src_crs.is_projected and src_crs.linear_units in ("metre", "meter"):
+        ref_x, ref_y = src_transform.c, src_transform.f
+        left = ref_x + round((cx - half - ref_x) / g) * g
+        top = ref_y + round((cy + half - ref_y) / g) * g
+        return TargetGrid(src_crs, Affine(g, 0, left, 0, -g, top), cfg.tile_size), None
+    try:
+        (lon,), (lat,) = transform(src_crs, WGS84, [cx], [cy])
+    except rasterio.errors.RasterioError as e:
+        raise DataError(path, f"cannot locate the scene centre in lon/lat: {e}") from e
+    epsg = utm_epsg(lon, lat)
+    utm = CRS.from_epsg(epsg)
+    (ux,), (uy,) = transform(WGS84, utm, [lon], [lat])
+    left = round((ux - half) / g) * g
+    top = round((uy + half) / g) * g
+    return TargetGrid(utm, Affine(g, 0, left, 0, -g, top), cfg.tile_size), epsg
+
+
+def _resampling_groups(cfg: HarmoniseConfig) -> dict[Resampling, list[int]]:
+    """Positions in ``MS_BANDS`` grouped by the resampling their native resolution asks for."""
+    groups: dict[Resampling, list[int]] = {}
+    for position, name in enumerate(MS_BANDS):
+        key = str(BY_NAME[name].resolution_m)
+        if key not in cfg.resampling:
+            raise ConfigError(
+                f"data.harmonise.resampling has no entry for {key} m bands (needed by {name})"
+            )
+        groups.setdefault(Resampling[cfg.resampling[key]], []).append(position)
+    return groups
+
+
+def _pixel_size_m(
+    src_crs: CRS, src_transform: Affine, shape: tuple[int, int], metric_crs: CRS
+) -> list[float]:
+    """Source pixel width and height in metres at the scene centre, measured in ``metric_crs``."""
+    row, col = shape[0] / 2, shape[1] / 2
+    pts = [
+        src_transform @ (col, row),
+        src_transform @ (col + 1, row),
+        src_transform @ (col, row + 1),
+    ]
+    xs, ys = transform(src_crs, metric_crs, [p[0] for p in pts], [p[1] for p in pts])
+    return [
+        round(math.hypot(xs[1] - xs[0], ys[1] - ys[0]), 4),
+        round(math.hypot(xs[2] - xs[0], ys[2] - ys[0]), 4),
+    ]
+
+
+# --- fMoW-RGB ----------------------------------------------------------------------------
+
+
+def read_rgb(
+    jpg: Path,
+    meta_json: Path,
+    grid: TargetGrid,
+    cfg: HarmoniseConfig,
+    polygon_wkt: str | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The fMoW-RGB partner as uint8 ``(3, T, T)`` R, G, B co-registered to ``grid``.
+
+    ``polygon_wkt`` (the CSV row's object polygon) is used when the JSON box has no
+    ``raw_location``. Raises :class:`DataError` naming the file for a corrupt JPEG, an
+    unreadable JSON or missing metadata.
+    """
+    if not jpg.is_file():
+        raise DataError(jpg, "file not found")
+    meta = _read_rgb_meta(meta_json)
+    gsd = float(meta["gsd"])
+    decode_scale = _decode_scale(gsd, cfg.gsd_m)
+    pixels = _read_jpeg(jpg, decode_scale)
+    full_h, full_w = int(meta["img_height"]), int(meta["img_width"])
+    if (full_w, full_h) != (pixels.full_size[0], pixels.full_size[1]):
+        raise DataError(
+            meta_json,
+            f"img_width × img_height {full_w}×{full_h} does not match the JPEG's "
+            f"{pixels.full_size[0]}×{pixels.full_size[1]}",
+        )
+    placed = _register(meta, meta_json, grid, polygon_wkt)
+    if placed is None:
+        log.debug("%s: no usable box/polygon, placing the image by its gsd", meta_json)
+        cx, cy = grid.centre
+        full_transform = Affine(gsd, 0, cx - full_w * gsd / 2, 0, -gsd, cy + full_h * gsd / 2)
+        info: dict[str, Any] = {"rgb_registration": "gsd-centred", "rgb_polygon_source": None}
+    else:
+        full_transform, info = placed
+    h, w = pixels.data.shape[1:]
+    src_transform = full_transform @ Affine.scale(full_w / w, full_h / h)
+    out = np.zeros((3, grid.size, grid.size), dtype=np.uint8)
+    reproject(
+        pixels.data,
+        out,
+        src_transform=src_transform,
+        src_crs=grid.crs,
+        dst_transform=grid.transform,
+        dst_crs=grid.crs,
+        resampling=Resampling[cfg.rgb_resampling],
+    )
+    info |= {
+        "rgb_gsd_json_m": gsd,
+        "rgb_res_m": round(math.hypot(full_transform.a, full_transform.d), 4),
+        "rgb_src_shape": [full_h, full_w],
+        "rgb_decode_scale": decode_scale,
+    }
+    return out, info
+
+
+def _read_rgb_meta(meta_json: Path) -> dict[str, Any]:
+    if not meta_json.is_file():
+        raise DataError(meta_json, "file not found")
+    try:
+        meta = json.loads(meta_json.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(meta_json, f"unreadable JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise DataError(
+            meta_json, f"unreadable JSON: expected an object, got {type(meta).__name__}"
+        )
+    missing = [k for k in RGB_REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise DataError(meta_json, f"missing key(s) {missing} in fMoW-RGB metadata")
+    try:
+        gsd, width, height = float(meta["gsd"]), int(meta["img_width"]), int(meta["img_height"])
+    except (TypeError, ValueError) as e:
+        raise DataError(meta_json, f"gsd, img_width and img_height must be numbers: {e}") from e
+    if not (gsd > 0 and width > 0 and height > 0):
+        raise DataError(meta_json, f"gsd {gsd}, img_width {width}, img_height {height} must be > 0")
+    if not isinstance(meta["bounding_boxes"], list):
+        raise DataError(meta_json, "bounding_boxes must be a list")
+    return meta
+
+
+@dataclass(frozen=True)
+class _Pixels:
+    data: np.ndarray  # uint8 (3, h, w), possibly decoded at reduced scale
+    full_size: tuple[int, int]  # (width, height) of the full-resolution image
+
+
+def _decode_scale(gsd_src: float, gsd_grid: float) -> int:
+    """The largest JPEG DCT reduction (1, 2, 4, 8) keeping pixels at most half a grid pixel."""
+    ratio = gsd_grid / (2 * gsd_src)
+    return max((s for s in (1, 2, 4, 8) if s <= ratio), default=1)
+
+
+def _read_jpeg(jpg: Path, decode_scale: int) -> _Pixels:
+    """Decode the JPEG fully (truncation shows only on decoding) as uint8 ``(3, h, w)``."""
+    try:
+        with Image.open(jpg) as im:
+            im.verify()
+        with Image.open(jpg) as im:
+            full_size = im.size
+            if decode_scale > 1:
+                im.draft("RGB", (full_size[0] // decode_scale, full_size[1] // decode_scale))
+            data = np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(jpg, f"corrupt or truncated JPEG: {e}") from e
+    return _Pixels(np.ascontiguousarray(data.transpose(2, 0, 1)), full_size)
+
+
+def _register(
+    meta: dict[str, Any], meta_json: Path, grid: TargetGrid, polygon_wkt: str | None
+) -> tuple[Affine, dict[str, Any]] | None:
+    """Fit the full-resolution pixel → grid CRS affine from box/polygon GCPs, or None."""
+    boxes = meta["bounding_boxes"]
+    if not boxes:
+        return None
+    first = boxes[0]
+    if not isinstance(first, dict) or "box" not in first:
+        raise DataError(meta_json, "missing key 'box' in bounding_boxes[0]")
+    try:
+        x, y, w, h = (float(v) for v in first["box"])
+    except (TypeError, ValueError) as e:
+        raise DataError(meta_json, f"bounding_boxes[0].box must be [x, y, w, h]: {e}") from e
+    wkt, source = (first.get("raw_location"), "json")
+    if not wkt:
+        wkt, source = polygon_wkt, "csv"
+    if not wkt or w < 1 or h < 1:
+        return None
+    lon, lat = _polygon_lonlat(wkt, meta_json)
+    west, east, south, north = lon.min(), lon.max(), lat.min(), lat.max()
+    if east <= west or north <= south:
+        return None
+    pixel = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]])
+    gx, gy = transform(WGS84, grid.crs, [west, east, east, west], [north, north, south, south])
+    design = np.column_stack([pixel, np.ones(4)])
+    ground = np.column_stack([gx, gy])
+    coef, *_ = np.linalg.lstsq(design, ground, rcond=None)
+    rmse = float(np.sqrt(np.mean((design @ coef - ground) ** 2)))
+    fitted = Affine(coef[0, 0], coef[1, 0], coef[2, 0], coef[0, 1], coef[1, 1], coef[2, 1])
+    info = {
+        "rgb_registration": "gcp-affine",
+        "rgb_polygon_source": source,
+        "rgb_gcp_rmse_m": round(rmse, 4),
+    }
+    return fitted, info
+
+
+def _polygon_lonlat(wkt: str, where: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (lon, lat) of a WKT polygon's outer ring."""
+    match = re.match(r"\s*POLYGON\s*\(\s*\(([^()]*)\)", wkt, flags=re.IGNORECASE)
+    if match is None:
+        raise DataError(where, f"object polygon is not a WKT POLYGON: {wkt[:80]!r}")
+    try:
+        pairs = [[float(v) for v in re.findall(_NUMBER, p)] for p in match.group(1).split(",")]
+        ring = np.array(pairs, dtype=np.float64)
+    except ValueError as e:
+        raise DataError(where, f"malformed WKT polygon {wkt[:80]!r}: {e}") from e
+    if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 3:
+        raise DataError(where, f"malformed WKT polygon {wkt[:80]!r}")
+    return ring[:, 0], ring[:, 1]

@@ -1,0 +1,1 @@
+"""Student backbone and projection heads."""

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv and install the deo package into it. `--test` adds the test tools.
+# Set PIP_CONSTRAINT to pin torch/torchvision to the build your machine needs (CI does).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="cluster"
+[[ "${1:-}" == "--test" ]] && extras="cluster,test"
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[${extras}]"
+.venv/bin/python -c "import deo, torch, torchvision, timm, zarr, rasterio; print('deo', deo.__version__, 'torch', torch.__version__)"
