@@ -4,7 +4,9 @@ Both get the same random tiles. The authors' pattern re-opens one HDF5 file (all
 h5py defaults: contiguous, uncompressed) in ``__getitem__`` for every item, reads that item
 whole and normalises it in numpy. Ours is ``ShardWriter`` + ``merge_shards`` +
 ``PretrainDataset`` / ``make_loader``. A full epoch of ``DataLoader`` iteration is timed for each
-at equal workers and batch size; the best of ``--repeats`` epochs is reported.
+at equal workers and batch size; the best of ``--repeats`` epochs is reported. A no-op dataset
+producing batches of the same shapes gives the ceiling that DataLoader's own collate and worker
+IPC impose on this machine.
 
     python benchmarks/bench_loader.py --samples 2000 --tile 64 --workers 0 2
 """
@@ -83,6 +85,24 @@ class AuthorsH5Dataset(Dataset):
         }
 
 
+class NoopDataset(Dataset):
+    """Batches of zeros shaped like ours: what DataLoader itself (collate, IPC) costs."""
+
+    def __init__(self, n: int, tile: int) -> None:
+        self.n = n
+        self.tile = tile
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        s2 = torch.zeros(len(indices), len(MS_BANDS), self.tile, self.tile)
+        rgb = torch.zeros(len(indices), 3, self.tile, self.tile)
+        return [
+            {"s2": s2[j], "rgb": rgb[j], "index": torch.tensor(i)} for j, i in enumerate(indices)
+        ]
+
+
 def build_h5(path: Path, s2: np.ndarray, rgb: np.ndarray) -> Path:
     with h5py.File(path, "w") as f:
         f["s2"] = s2
@@ -101,6 +121,17 @@ def time_epoch(loader: DataLoader, repeats: int) -> float:
             seen += len(batch["index"])
         best = max(best, seen / (time.perf_counter() - t0))
     return best
+
+
+def plain_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
 
 
 def main() -> None:
@@ -125,37 +156,25 @@ def main() -> None:
         h5 = build_h5(root / "authors.h5", s2, rgb)
         ours = PretrainDataset(store, with_rgb=True)
         theirs = AuthorsH5Dataset(h5, ours.mean, ours.std)
+        noop = NoopDataset(args.samples, args.tile)
         rows = []
         for workers in args.workers:
-            ours_loader = make_loader(ours, args.batch_size, workers=workers, seed=0)
-            their_loader = DataLoader(
-                theirs,
-                batch_size=args.batch_size,
-                shuffle=True,
-                drop_last=True,
-                num_workers=workers,
-                persistent_workers=workers > 0,
+            loaders = (
+                make_loader(ours, args.batch_size, workers=workers, seed=0),
+                plain_loader(theirs, args.batch_size, workers),
+                plain_loader(noop, args.batch_size, workers),
             )
-            rows.append(
-                (
-                    workers,
-                    time_epoch(ours_loader, args.repeats),
-                    time_epoch(their_loader, args.repeats),
-                )
-            )
+            rows.append((workers, *(time_epoch(loader, args.repeats) for loader in loaders)))
     log.info(
         "%d samples, %d x %d px, batch %d, %d samples/shard",
-        args.samples,
-        args.tile,
-        args.tile,
-        args.batch_size,
-        args.samples_per_shard,
+        *(args.samples, args.tile, args.tile, args.batch_size, args.samples_per_shard),
     )
-    log.info("| workers | ours (samples/s) | authors' HDF5 (samples/s) | ratio |")
-    log.info("|---:|---:|---:|---:|")
-    for workers, ours_rate, their_rate in rows:
+    log.info("| workers | ours (samples/s) | authors' HDF5 (samples/s) | ratio | no-op ceiling |")
+    log.info("|---:|---:|---:|---:|---:|")
+    for workers, ours_rate, their_rate, noop_rate in rows:
+        ratio = ours_rate / their_rate
         log.info(
-            "| %d | %.0f | %.0f | %.2fx |", workers, ours_rate, their_rate, ours_rate / their_rate
+            "| %d | %.0f | %.0f | %.2fx | %.0f |", workers, ours_rate, their_rate, ratio, noop_rate
         )
 
 

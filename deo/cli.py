@@ -125,6 +125,30 @@ def _stats(a: argparse.Namespace) -> None:
     write_stats(a.store, stats, a.out)
 
 
+def _train(a: argparse.Namespace) -> None:
+    import os
+
+    from deo.train.config import parse_teacher, parse_train
+    from deo.train.loop import Preempted, train
+
+    if a.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        _relaunch_with_torchrun(a.nproc_per_node)
+        return
+    cfg, teacher = parse_train(json.loads(a.train)), parse_teacher(json.loads(a.teacher))
+    try:
+        train(cfg, teacher, a.store, a.table, a.out, device=a.device, max_steps=a.max_steps)
+    except Preempted as e:
+        log.warning("%s", e)
+        raise SystemExit(128 + e.signum) from e
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Start ``nproc`` local ranks of this same command under torchrun (one node)."""
+    from torch.distributed.run import main as torchrun
+
+    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "deo.cli", *sys.argv[1:]])
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deo", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"deo {__version__}")
@@ -199,6 +223,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reject-tables", type=Path, nargs="+", required=True)
     for name in ("--pairs", "--out-store", "--out-table", "--rejects", "--counts"):
         s.add_argument(name, type=Path, required=True)
+
+    s = cmd("train", _train, "dual-teacher distillation of the student (resumes a run)")
+    s.add_argument("--train", required=True, help="the run's resolved train section (JSON)")
+    s.add_argument("--teacher", required=True, help="the teacher section (JSON)")
+    for name in ("--store", "--table", "--out"):
+        s.add_argument(name, type=Path, required=True)
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--nproc-per-node", type=int, default=1, help="local ranks (torchrun)")
+    s.add_argument("--max-steps", type=int, help="stop after this many steps in all (tests)")
 
     s = cmd("stats", _stats, "per-band mean/std over a split, into the store and a JSON")
     for name in ("--store", "--table", "--out"):

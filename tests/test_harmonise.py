@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tarfile
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[d
     """(Sentinel scene root, RGB root, bad inputs) of a freshly written default mirror."""
     out = tmp_path_factory.mktemp("mirror")
     summary = write_mirror(
-        MirrorConfig(),
+        MirrorConfig(locations_per_category=2),
         out,
         csvs=SOURCE.csvs,
         archive=SOURCE.archive,
@@ -164,14 +165,15 @@ def _grid() -> TargetGrid:
     return TargetGrid(rasterio.crs.CRS.from_epsg(32633), from_origin(0, 0, 10, 10), 48)
 
 
-def _partner_scenes(scenes: Path, rgb_root: Path) -> list[tuple[Path, Path, Path]]:
-    """(tif, jpg, json) of every scene whose files are all intact."""
+def _good_partner_scenes(mirror) -> list[tuple[Path, Path, Path]]:
+    """(tif, jpg, json) of every scene with a partner whose files the mirror left intact."""
+    scenes, rgb_root, bad = mirror
+    broken = {re.sub(r"(_rgb\.jpg|_rgb\.json|\.tif)$", "", b["path"]) for b in bad}
     found = []
     for tif in sorted(scenes.rglob("*.tif")):
-        stem = tif.relative_to(scenes).with_suffix("")
-        jpg, meta = rgb_root / f"{stem}_rgb.jpg", rgb_root / f"{stem}_rgb.json"
-        if int(stem.name.rsplit("_", 1)[1]) < 100 and jpg.exists():
-            found.append((tif, jpg, meta))
+        stem = tif.relative_to(scenes).with_suffix("").as_posix()
+        if int(stem.rsplit("_", 1)[1]) < 100 and stem not in broken:
+            found.append((tif, rgb_root / f"{stem}_rgb.jpg", rgb_root / f"{stem}_rgb.json"))
     return found
 
 
@@ -183,14 +185,10 @@ def _pearson(rgb: np.ndarray, s2: np.ndarray) -> float:
 
 
 def test_registered_rgb_correlates_with_sentinel_and_a_shift_does_not(mirror, tmp_path) -> None:
-    scenes, rgb_root, _ = mirror
     good, shifted = [], []
-    for tif, jpg, meta_json in _partner_scenes(scenes, rgb_root):
-        try:
-            s2, grid, _ = read_s2(tif, TILE)
-            rgb, info = read_rgb(jpg, meta_json, grid, TILE)
-        except DataError:
-            continue  # the mirror's deliberately broken inputs
+    for tif, jpg, meta_json in _good_partner_scenes(mirror):
+        s2, grid, _ = read_s2(tif, TILE)
+        rgb, info = read_rgb(jpg, meta_json, grid, TILE)
         assert info["rgb_registration"] == "gcp-affine" and info["rgb_polygon_source"] == "json"
         assert info["rgb_res_m"] == pytest.approx(info["rgb_gsd_json_m"], rel=0.08)
         meta = json.loads(meta_json.read_text())
@@ -202,18 +200,13 @@ def test_registered_rgb_correlates_with_sentinel_and_a_shift_does_not(mirror, tm
         good.append(_pearson(rgb, s2))
         shifted.append(_pearson(read_rgb(jpg, wrong, grid, TILE)[0], s2))
     good_r, shifted_r = np.array(good), np.array(shifted)
-    assert len(good_r) >= 30
+    assert len(good_r) >= 12
     assert np.mean(good_r > 0.7) >= 0.9 and np.median(good_r) > 0.9
     assert np.all(good_r - shifted_r > 0.3)
 
 
 def test_csv_polygon_registers_as_well_and_no_polygon_falls_back(mirror, tmp_path) -> None:
-    scenes, rgb_root, _ = mirror
-    tif, jpg, meta_json = next(
-        p
-        for p in _partner_scenes(scenes, rgb_root)
-        if "port" in p[0].name and "_1.tif" in p[0].name
-    )
+    tif, jpg, meta_json = _good_partner_scenes(mirror)[0]
     s2, grid, _ = read_s2(tif, TILE)
     from_json, _ = read_rgb(jpg, meta_json, grid, TILE)
     meta = json.loads(meta_json.read_text())
@@ -236,8 +229,7 @@ def test_csv_polygon_registers_as_well_and_no_polygon_falls_back(mirror, tmp_pat
 
 
 def test_rgb_metadata_problems_name_the_file(mirror, tmp_path) -> None:
-    scenes, rgb_root, _ = mirror
-    _, jpg, meta_json = _partner_scenes(scenes, rgb_root)[0]
+    _, jpg, meta_json = _good_partner_scenes(mirror)[0]
     meta = json.loads(meta_json.read_text())
     del meta["gsd"]
     no_gsd = tmp_path / "no_gsd.json"

@@ -64,6 +64,9 @@ GRAY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 """ITU-R 601 luma, as torchvision's ``rgb_to_grayscale`` (and so ColorJitter's contrast and
 saturation)."""
 
+_CPU_CHUNK_BYTES = 2**21
+"""RGB bytes per chunk of the photometric ops on the CPU (see ``MultiCrop._photometric``)."""
+
 CROP_ATTEMPTS = 10
 """Rejection-sampling tries per box before the centre-crop fallback, as RandomResizedCrop."""
 
@@ -339,9 +342,13 @@ class MultiCrop:
         tile, so only the (small) input tiles are flipped, once per flip kind in use, never the
         (larger, 10-channel) output views.
         """
-        _check_batch(ms, rgb)
+        _, tile = _check_batch(ms, rgb)
         p = params.to("cpu")
-        kinds, rois = _flip_plan(p, image, ms.shape[0], ms.shape[-1])
+        if p.box.numel() and p.box[:, 2:].max() > tile * (1 + 1e-6):
+            raise ValueError(
+                f"view boxes reach past the {tile}-pixel tile: sampled for another size?"
+            )
+        kinds, rois = _flip_plan(p, image, ms.shape[0], tile)
         rois = rois.to(ms.device)
         ms_v = _crop(_flipped(ms.float(), kinds), rois, size, 1.0)
         if rgb is None:
@@ -367,15 +374,16 @@ class MultiCrop:
     def _photometric(self, rgb: Tensor, p: ViewParams) -> Tensor:
         """DINO's colour pipeline in its order: jitter, grayscale, blur, solarize (in place).
 
-        Each op touches only the rows it applies to, selected on the CPU record (no device sync).
+        On the CPU the rows go through in chunks of about ``_CPU_CHUNK_BYTES``: the ops are
+        memory-bound chains of elementwise passes, which run several times faster when their
+        temporaries stay in cache (blur ~10x, hue ~3x measured at 224 px). Rows are independent,
+        so chunking does not change a bit of the result. Accelerators take the batch whole.
         """
-        _color_jitter_(rgb, p)
-        if (rows := _rows(p.gray, rgb.device)) is not None:
-            rgb[rows] = _grayscale(rgb[rows]).expand(-1, 3, -1, -1)
-        if (rows := _rows(p.blur_sigma > 0, rgb.device)) is not None:
-            rgb[rows] = _blur(rgb[rows], p.blur_sigma[p.blur_sigma > 0], self.blur_kernel)
-        if (rows := _rows(p.solarize, rgb.device)) is not None:
-            rgb[rows] = solarize(rgb[rows])
+        n = rgb.shape[0]
+        step = n if rgb.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // rgb[:1].nbytes)
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            _photometric_rows_(rgb[rows], p.index(rows), self.blur_kernel)
         return rgb
 
 
@@ -521,6 +529,18 @@ def _jitter_op(rgb: Tensor, op: int, factor: Tensor) -> Tensor:
     if op == 2:
         return _adjust_saturation(rgb, factor)
     return adjust_hue(rgb, factor * (2 * math.pi))
+
+
+def _photometric_rows_(rgb: Tensor, p: ViewParams, blur_kernel: int) -> None:
+    """Jitter, grayscale, blur, solarize of ``rgb`` in place; each op touches only the rows it
+    applies to, selected on the CPU record (no device sync)."""
+    _color_jitter_(rgb, p)
+    if (rows := _rows(p.gray, rgb.device)) is not None:
+        rgb[rows] = _grayscale(rgb[rows]).expand(-1, 3, -1, -1)
+    if (rows := _rows(p.blur_sigma > 0, rgb.device)) is not None:
+        rgb[rows] = _blur(rgb[rows], p.blur_sigma[p.blur_sigma > 0], blur_kernel)
+    if (rows := _rows(p.solarize, rgb.device)) is not None:
+        rgb[rows] = solarize(rgb[rows])
 
 
 def _color_jitter_(rgb: Tensor, p: ViewParams) -> None:

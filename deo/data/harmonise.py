@@ -126,7 +126,10 @@ def read_s2(path: Path, cfg: HarmoniseConfig) -> tuple[np.ndarray, TargetGrid, d
 
 
 def _read_ms_bands(path: Path) -> tuple[np.ndarray, CRS, Affine]:
-    """The 10 model bands as uint16 ``(10, H, W)``, after checking band count, dtype and CRS."""
+    """The 10 model bands as uint16 ``(10, H, W)``, after checking band count, dtype and CRS.
+
+    Other integer types are clipped into uint16's range (negative DNs become 0).
+    """
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
@@ -229,8 +232,7 @@ def read_rgb(
         raise DataError(jpg, "file not found")
     meta = _read_rgb_meta(meta_json)
     gsd = float(meta["gsd"])
-    decode_scale = _decode_scale(gsd, cfg.gsd_m)
-    pixels = _read_jpeg(jpg, decode_scale)
+    pixels = _read_jpeg(jpg, _decode_scale(gsd, cfg.gsd_m))
     full_h, full_w = int(meta["img_height"]), int(meta["img_width"])
     if (full_w, full_h) != (pixels.full_size[0], pixels.full_size[1]):
         raise DataError(
@@ -246,8 +248,7 @@ def read_rgb(
         info: dict[str, Any] = {"rgb_registration": "gsd-centred", "rgb_polygon_source": None}
     else:
         full_transform, info = placed
-    h, w = pixels.data.shape[1:]
-    src_transform = full_transform @ Affine.scale(full_w / w, full_h / h)
+    src_transform = full_transform @ Affine.scale(pixels.scale)
     out = np.zeros((3, grid.size, grid.size), dtype=np.uint8)
     reproject(
         pixels.data,
@@ -262,7 +263,7 @@ def read_rgb(
         "rgb_gsd_json_m": gsd,
         "rgb_res_m": round(math.hypot(full_transform.a, full_transform.d), 4),
         "rgb_src_shape": [full_h, full_w],
-        "rgb_decode_scale": decode_scale,
+        "rgb_decode_scale": pixels.scale,
     }
     return out, info
 
@@ -285,7 +286,7 @@ def _read_rgb_meta(meta_json: Path) -> dict[str, Any]:
         gsd, width, height = float(meta["gsd"]), int(meta["img_width"]), int(meta["img_height"])
     except (TypeError, ValueError) as e:
         raise DataError(meta_json, f"gsd, img_width and img_height must be numbers: {e}") from e
-    if not (gsd > 0 and width > 0 and height > 0):
+    if not (math.isfinite(gsd) and gsd > 0 and width > 0 and height > 0):
         raise DataError(meta_json, f"gsd {gsd}, img_width {width}, img_height {height} must be > 0")
     if not isinstance(meta["bounding_boxes"], list):
         raise DataError(meta_json, "bounding_boxes must be a list")
@@ -296,6 +297,7 @@ def _read_rgb_meta(meta_json: Path) -> dict[str, Any]:
 class _Pixels:
     data: np.ndarray  # uint8 (3, h, w), possibly decoded at reduced scale
     full_size: tuple[int, int]  # (width, height) of the full-resolution image
+    scale: int  # full-resolution pixels per decoded pixel along each axis
 
 
 def _decode_scale(gsd_src: float, gsd_grid: float) -> int:
@@ -305,18 +307,27 @@ def _decode_scale(gsd_src: float, gsd_grid: float) -> int:
 
 
 def _read_jpeg(jpg: Path, decode_scale: int) -> _Pixels:
-    """Decode the JPEG fully (truncation shows only on decoding) as uint8 ``(3, h, w)``."""
+    """Decode the JPEG fully (truncation shows only on decoding) as uint8 ``(3, h, w)``.
+
+    A DCT-scaled decode of ``s`` gives ceil(W / s) pixels of exactly ``s`` source pixels each
+    (the last one partly outside), so the geometry scales by ``s``, not by W / w.
+    """
     try:
         with Image.open(jpg) as im:
             im.verify()
         with Image.open(jpg) as im:
             full_size = im.size
+            scale = 1
             if decode_scale > 1:
-                im.draft("RGB", (full_size[0] // decode_scale, full_size[1] // decode_scale))
+                drafted = im.draft(
+                    "RGB", (full_size[0] // decode_scale, full_size[1] // decode_scale)
+                )
+                if drafted is not None:
+                    scale = round(full_size[0] / drafted[1][2])
             data = np.asarray(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(jpg, f"corrupt or truncated JPEG: {e}") from e
-    return _Pixels(np.ascontiguousarray(data.transpose(2, 0, 1)), full_size)
+    return _Pixels(np.ascontiguousarray(data.transpose(2, 0, 1)), full_size, scale)
 
 
 def _register(
@@ -333,7 +344,9 @@ def _register(
         x, y, w, h = (float(v) for v in first["box"])
     except (TypeError, ValueError) as e:
         raise DataError(meta_json, f"bounding_boxes[0].box must be [x, y, w, h]: {e}") from e
-    wkt, source = (first.get("raw_location"), "json")
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise DataError(meta_json, f"bounding_boxes[0].box has non-finite values {first['box']}")
+    wkt, source = first.get("raw_location"), "json"
     if not wkt:
         wkt, source = polygon_wkt, "csv"
     if not wkt or w < 1 or h < 1:
@@ -359,6 +372,8 @@ def _register(
 
 def _polygon_lonlat(wkt: str, where: Path) -> tuple[np.ndarray, np.ndarray]:
     """Vertices (lon, lat) of a WKT polygon's outer ring."""
+    if not isinstance(wkt, str):
+        raise DataError(where, f"object polygon must be WKT text, got {type(wkt).__name__}")
     match = re.match(r"\s*POLYGON\s*\(\s*\(([^()]*)\)", wkt, flags=re.IGNORECASE)
     if match is None:
         raise DataError(where, f"object polygon is not a WKT POLYGON: {wkt[:80]!r}")

@@ -7,7 +7,9 @@ What it writes under ``out`` (deterministic from ``MirrorConfig.seed``):
   band descriptions B01…B12; plus one CSV per split with fMoW-Sentinel's columns;
 - ``rgb/<split>/<cat>/<cat>_<loc>/<cat>_<loc>_<id>_rgb.{jpg,json}``: fMoW-RGB partners for
   ``image_id < 100``, north-up in the location's UTM zone at 0.6–2 m, with fMoW's JSON keys;
-- ``bad_inputs.json`` and ``mirror.json``: the deliberately broken inputs and a summary.
+- ``bad_inputs.json`` and ``mirror.json``: the deliberately broken inputs (one of each of
+  ``BAD_KINDS``; paths relative to ``sentinel/<archive_prefix>`` for scenes, to ``rgb/`` for
+  partners) and a summary with the config.
 
 Why the data are learnable: each location has ONE ground model, a continuous function of
 metres east/north of the location centre in its UTM zone that mixes land covers with
@@ -45,7 +47,6 @@ import numpy as np
 from affine import Affine
 from PIL import Image
 from rasterio.io import MemoryFile
-from rasterio.transform import from_origin
 from rasterio.warp import transform
 
 from deo.config import MirrorConfig, to_dict
@@ -259,9 +260,19 @@ def _location(seed: int, c: int, j: int, split: str, category: str, location_id:
         [ux - hx, ux + hx, ux + hx, ux - hx],
         [uy - hy, uy - hy, uy + hy, uy + hy],
     )
-    envelope = tuple(round(v, 7) for v in (min(lons), max(lons), min(lats), max(lats)))
+    west, east, south, north = (round(v, 7) for v in (min(lons), max(lons), min(lats), max(lats)))
     return Location(
-        split, category, location_id, key, lon, lat, country, epsg, (ux, uy), (hx, hy), envelope
+        split,
+        category,
+        location_id,
+        key,
+        lon,
+        lat,
+        country,
+        epsg,
+        (ux, uy),
+        (hx, hy),
+        (west, east, south, north),
     )
 
 
@@ -519,7 +530,7 @@ def _sentinel_pixels(scene: Scene, size_px: tuple[int, int]) -> tuple[np.ndarray
     jx, jy = rng.uniform(-1.5, 1.5, size=2)
     west = loc.lon - (width / 2 + jx) * res_lon
     north = loc.lat + (height / 2 + jy) * res_lat
-    geo = from_origin(west, north, res_lon, res_lat)
+    geo = Affine(res_lon, 0.0, west, 0.0, -res_lat, north)
     coef = _ground_affine(loc, (west, west + width * res_lon), (north - height * res_lat, north))
     sub = 1.0 / SUPERSAMPLE
     d_lon, d_lat = west - loc.lon + 0.5 * sub * res_lon, north - loc.lat - 0.5 * sub * res_lat

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from deo.data.store import RGB_CHANNELS, open_store, read_rows, store_bands
+from deo.data.store import RGB_CHANNELS, ShardReader, open_store, store_bands
 from deo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,24 @@ class Moments:
 
     @classmethod
     def of_block(cls, x: np.ndarray) -> Moments:
-        """Moments of a ``(samples, channels, H, W)`` block, ignoring pixels equal to 0."""
-        flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
-        valid = flat != 0
-        count = valid.sum(axis=1).astype(np.float64)
-        mean = np.divide(flat.sum(axis=1), count, out=np.zeros_like(count), where=count > 0)
-        dev = np.where(valid, flat - mean[:, None], 0.0)
-        return cls(count, mean, np.einsum("ij,ij->i", dev, dev))
+        """Moments of a ``(samples, channels, H, W)`` block, ignoring pixels equal to 0.
+
+        Two-pass within the block (mean first, then squared deviations from it), one channel at
+        a time so the float64 temporary is a single channel's worth.
+        """
+        channels = x.shape[1]
+        count, mean, m2 = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+        for c in range(channels):
+            values = x[:, c].ravel()
+            count[c] = np.count_nonzero(values)
+            if count[c] == 0:
+                continue
+            mean[c] = values.sum(dtype=np.float64) / count[c]  # zeros add nothing to the sum
+            dev = np.subtract(values, mean[c], dtype=np.float64)
+            if count[c] < values.size:
+                dev[values == 0] = 0.0
+            m2[c] = np.dot(dev, dev)
+        return cls(count, mean, m2)
 
     def merge(self, other: Moments) -> Moments:
         """Chan et al.'s pairwise combination: exact for any split of the data into parts."""
@@ -90,11 +102,15 @@ def band_stats(
     table: pd.DataFrame | None = None,
     split: str | None = "train",
     block: int = 64,
+    *,
+    threads: int = 1,
 ) -> dict[str, dict[str, float]]:
     """``{band: {"mean", "std", "count"}}`` over the valid pixels of ``split``'s samples.
 
     Covers the ``s2`` bands (by the store's band names) and, when the store has ``rgb``, the
-    channels ``R``, ``G``, ``B``. ``block`` samples are read and reduced at a time.
+    channels ``R``, ``G``, ``B``. ``block`` samples are read and reduced at a time, by
+    ``threads`` threads (decoding and numpy release the GIL); the blocks' moments are merged in
+    block order, so the result does not depend on ``threads``.
     """
     group = store if isinstance(store, zarr.Group) else open_store(store)
     rows = _split_rows(group, table, split)
@@ -103,12 +119,16 @@ def band_stats(
     names = {"s2": store_bands(group)}
     if "rgb" in group.array_keys():
         names["rgb"] = RGB_CHANNELS
-    arrays = {name: group[name] for name in names}
+    readers = {name: ShardReader(group[name]) for name in names}
     moments = {name: Moments.empty(len(bands)) for name, bands in names.items()}
-    for start in range(0, len(rows), block):
-        part = rows[start : start + block]
-        for name, array in arrays.items():
-            moments[name] = moments[name].merge(Moments.of_block(read_rows(array, part)))
+
+    def reduce(part: np.ndarray) -> dict[str, Moments]:
+        return {name: Moments.of_block(reader.read(part)) for name, reader in readers.items()}
+
+    parts = [rows[start : start + block] for start in range(0, len(rows), block)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for part_moments in pool.map(reduce, parts):
+            moments = {name: moments[name].merge(m) for name, m in part_moments.items()}
     stats: dict[str, dict[str, float]] = {}
     for name, bands in names.items():
         m = moments[name]

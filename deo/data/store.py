@@ -69,7 +69,9 @@ class ShardWriter:
     the data is temporary) and ``table.parquet`` (one row per written sample, with its
     ``position`` in the arrays). Re-opening an existing shard resumes it: ``done_keys`` says
     which inputs are already in, so a killed job skips them. The table is only rewritten after
-    the arrays were written, so a key listed there always has its data on disk.
+    the arrays were written, so a key listed there always has its data on disk. A job should
+    give each input a fixed position (e.g. its index in the job's input list), so a sample
+    that was written but not yet listed is simply rewritten in place on resume.
     """
 
     def __init__(
@@ -253,13 +255,30 @@ def _check_consistent(shards: Sequence[_Shard]) -> None:
             )
 
 
+def _read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` of a shard store's (unsharded) array, in the order given, in ONE zarr call.
+
+    Zarr's per-call overhead dwarfs decoding one small chunk, so this reads one slice when the
+    rows are contiguous (the usual case: a job writes its samples in order) and otherwise one
+    orthogonal selection of the sorted unique rows. (On the final, *sharded* arrays an
+    orthogonal selection is very slow in zarr 3.1; ``ShardReader`` is for those.)
+    """
+    unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+    if unique[-1] - unique[0] + 1 == len(unique):
+        data = array[int(unique[0]) : int(unique[-1]) + 1]
+    else:
+        data = array.oindex[unique]
+    in_order = len(inverse) == len(unique) and bool((np.diff(inverse) > 0).all())
+    return data if in_order else data[inverse]
+
+
 def _gather(shards: Sequence[_Shard], block: pd.DataFrame, name: str) -> np.ndarray:
     """Read one block of samples (in block order) from whichever shard stores hold them."""
     first = shards[0].arrays[name]
     out = np.empty((len(block), *first.shape[1:]), dtype=first.dtype)
     for shard_id, rows in block.groupby("_shard").indices.items():
         positions = block["position"].to_numpy()[rows]
-        out[rows] = shards[shard_id].arrays[name].oindex[positions]
+        out[rows] = _read_rows(shards[shard_id].arrays[name], positions)
     return out
 
 
@@ -361,24 +380,6 @@ def open_store(path: Path) -> zarr.Group:
 def store_bands(group: zarr.Group) -> tuple[str, ...]:
     """Band names of the ``s2`` array, in channel order."""
     return tuple(group.attrs["bands"])
-
-
-def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
-    """``array[rows]`` for any integer rows, in the order given, with as few reads as possible.
-
-    Zarr's per-call overhead dwarfs decoding one small chunk, so the rows are de-duplicated and
-    sorted, then read in ONE call: a slice when they are contiguous (whole shards are then read
-    in one go), else one orthogonal selection (zarr fetches the chunks concurrently).
-    """
-    unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-    if len(unique) == 0:
-        return np.empty((0, *array.shape[1:]), dtype=array.dtype)
-    if unique[-1] - unique[0] + 1 == len(unique):
-        data = array[int(unique[0]) : int(unique[-1]) + 1]
-    else:
-        data = array.oindex[unique]
-    in_order = len(inverse) == len(unique) and bool((np.diff(inverse) > 0).all())
-    return data if in_order else data[inverse]
 
 
 _EMPTY_CHUNK = 2**64 - 1
@@ -488,12 +489,7 @@ def read_store_table(path: Path, group: zarr.Group) -> pd.DataFrame:
         raise DataError(path, "no such sample table; run the merge stage first")
     table = pd.read_parquet(path)
     n = group["s2"].shape[0]
-    if (
-        len(table) != n
-        or "index" not in table
-        or not (table["index"].to_numpy() == np.arange(n)).all()
-    ):
-        raise DataError(
-            path, f"table does not match the store: expected rows with index 0..{n - 1}"
-        )
+    index = table["index"].to_numpy() if "index" in table else None
+    if index is None or len(index) != n or (index != np.arange(n)).any():
+        raise DataError(path, f"table does not match the store: need rows with index 0..{n - 1}")
     return table

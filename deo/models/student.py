@@ -228,7 +228,8 @@ def _window_attention(block: SwinTransformerBlock, x: Tensor) -> Tensor:
       decides at build time for a fixed size);
     - the rolled map is padded up to whole windows and one mask forbids both attention across
       the wrap-around seam and attention to padding, so outputs do not depend on the padding.
-    With no padding this is exactly timm's computation.
+    At the build-time size with windows dividing every grid (224 px, window 7) this is exactly
+    timm's computation, which the tests check.
     """
     _, h, w, c = x.shape
     win = block.window_size

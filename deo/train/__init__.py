@@ -1,0 +1,1 @@
+"""Training: the dual-teacher meta-architecture, schedules, checkpoints and the loop."""

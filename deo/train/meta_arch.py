@@ -1,0 +1,150 @@
+"""``DualTeacherDistillation``: the student, its EMA teacher and the frozen VFM in one module.
+
+The trainable part (student backbone + MS projection head + VFM distillation heads) is one
+``StudentWithHeads`` module with a single forward over all views, so it can be wrapped by DDP
+as a whole; the EMA teacher and the VFM never receive gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from deo.data.augment import MultiCropBatch
+from deo.losses import dual_teacher_loss
+from deo.models.heads import DistillHeads, ProjectionHead
+from deo.models.student import DualEmbedSwin
+from deo.models.teacher import TeacherOutputs, VFMTeacher
+from deo.train.config import TrainConfig
+
+
+@dataclass
+class StudentOutputs:
+    """Projection-head embeddings of every view, and the optical projections of global views."""
+
+    ms: Tensor  # (V, B, p): global views first, then local views
+    optical: dict[str, Tensor]  # "cls" (2, B, D); "patch_final"/"patch_mid" (2, B, P, D)
+
+
+class StudentWithHeads(nn.Module):
+    """Everything that trains: one forward for all views (DDP needs exactly one per step)."""
+
+    def __init__(self, cfg: TrainConfig, vfm_dim: int | None) -> None:
+        super().__init__()
+        self.backbone = DualEmbedSwin(cfg.student, with_rgb=cfg.ablation.optical_path)
+        self.head = ProjectionHead(
+            self.backbone.num_features, cfg.head.hidden_dim, cfg.head.out_dim, cfg.head.n_layers
+        )
+        self.distill = (
+            DistillHeads(self.backbone.distill_dims, vfm_dim, cfg.head_switches)
+            if vfm_dim is not None
+            else None
+        )
+        self.optical_path = cfg.ablation.optical_path
+
+    def forward(
+        self,
+        global_ms: Tensor,
+        local_ms: Tensor | None,
+        global_rgb: Tensor | None,
+        grid: tuple[int, int] | None,
+    ) -> StudentOutputs:
+        """Views are stacked per size: ``global_ms`` (2·B, C, H, W), ``local_ms`` (n·B, ...)."""
+        n_global = 2
+        feats = self.backbone(global_ms, "ms")
+        embeddings = [self.head(feats.pooled)]
+        if local_ms is not None:
+            embeddings.append(self.head(self.backbone(local_ms, "ms").pooled))
+        ms = torch.cat(embeddings).unflatten(0, (-1, global_ms.shape[0] // n_global))
+        optical: dict[str, Tensor] = {}
+        if self.distill is not None and grid is not None:
+            # Without a separate optical path the MS features of the global views are distilled.
+            optical_feats = self.backbone(global_rgb, "rgb") if self.optical_path else feats
+            optical = {
+                name: out.unflatten(0, (n_global, -1))
+                for name, out in self.distill(optical_feats, grid).items()
+            }
+        return StudentOutputs(ms=ms, optical=optical)
+
+
+class EmaTeacher(nn.Module):
+    """The MS-only EMA copy of the student backbone and projection head."""
+
+    def __init__(self, student: StudentWithHeads, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.backbone = DualEmbedSwin(cfg.student, with_rgb=False)
+        self.head = copy.deepcopy(student.head)
+        shared = {
+            k: v for k, v in student.backbone.state_dict().items() if not k.startswith("rgb_embed.")
+        }
+        self.backbone.load_state_dict(shared)
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, global_ms: Tensor, n_global: int = 2) -> Tensor:
+        """(n_global·B, C, H, W) -> (n_global, B, p)."""
+        return self.head(self.backbone(global_ms, "ms").pooled).unflatten(0, (n_global, -1))
+
+    @torch.no_grad()
+    def update(self, student: StudentWithHeads, momentum: float) -> None:
+        """teacher ← m·teacher + (1 − m)·student, parameter by name (the RGB embedding has none)."""
+        for part, source in ((self.backbone, student.backbone), (self.head, student.head)):
+            params = dict(source.named_parameters())
+            mine = list(part.named_parameters())
+            torch._foreach_lerp_(
+                [p for _, p in mine], [params[name].detach() for name, _ in mine], 1.0 - momentum
+            )
+
+
+class DualTeacherDistillation(nn.Module):
+    """Student, EMA teacher and frozen VFM teacher; ``forward`` returns named loss terms."""
+
+    def __init__(self, cfg: TrainConfig, vfm: VFMTeacher | None) -> None:
+        super().__init__()
+        if cfg.uses_vfm and vfm is None:
+            raise ValueError("the configured losses need a VFM teacher")
+        self.cfg = cfg
+        self.weights = cfg.effective_loss
+        self.student = StudentWithHeads(cfg, vfm.embed_dim if cfg.uses_vfm else None)
+        self.teacher = EmaTeacher(self.student, cfg)
+        # The VFM is frozen and restored from its own weights file: kept out of state_dict.
+        self._vfm = [vfm if cfg.uses_vfm else None]
+
+    @property
+    def vfm(self) -> VFMTeacher | None:
+        return self._vfm[0]
+
+    def vfm_targets(self, global_rgb: list[Tensor]) -> list[TeacherOutputs]:
+        """The VFM's outputs for each global view (online mode)."""
+        return [self.vfm(view) for view in global_rgb]
+
+    def forward(
+        self,
+        views: MultiCropBatch,
+        student: nn.Module | None = None,
+        targets: list[TeacherOutputs] | None = None,
+        world_size: int = 1,
+    ) -> dict[str, Tensor]:
+        """One step's loss terms. ``student`` is the (possibly DDP-wrapped) trainable module;
+        ``targets`` are the VFM outputs of the global views, computed online when omitted."""
+        student = student or self.student
+        global_ms = torch.cat(views.global_ms)
+        local_ms = torch.cat(views.local_ms) if views.local_ms else None
+        global_rgb = torch.cat(views.global_rgb)
+        if self.vfm is not None and targets is None:
+            targets = self.vfm_targets(views.global_rgb)
+        grid = targets[0].grid if targets else None
+        out = student(global_ms, local_ms, global_rgb, grid)
+        teacher_ms = self.teacher(global_ms)
+        optical = None
+        if targets:
+            stacked = {
+                "cls": torch.stack([t.cls for t in targets]),
+                "patch_final": torch.stack([t.patch_final for t in targets]),
+                "patch_mid": torch.stack([t.patch_mid for t in targets]),
+            }
+            optical = {name: (out.optical[name], stacked[name]) for name in out.optical}
+        return dual_teacher_loss(out.ms, teacher_ms, optical, self.weights, world_size)

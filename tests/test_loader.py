@@ -1,0 +1,205 @@
+"""The training dataset (normalisation, batched reads) and the shard-grouped sampler."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from deo.data.bands import MS_BANDS
+from deo.data.loader import PretrainDataset, ShardGroupedSampler, make_loader
+from deo.data.stats import write_stats
+from deo.data.store import ShardWriter, merge_shards
+from deo.errors import DataError
+
+T = 8
+N = 30
+SPS = 8
+
+STATS = {b: {"mean": 1000.0 + 100 * i, "std": 50.0 + 7 * i} for i, b in enumerate(MS_BANDS)}
+
+
+@pytest.fixture(scope="module")
+def raw() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    rng = np.random.default_rng(3)
+    s2 = rng.integers(0, 4000, (N, 10, T, T), dtype=np.uint16)
+    rgb = rng.integers(0, 256, (N, 3, T, T), dtype=np.uint8)
+    splits = ["val" if i % 5 == 0 else "train" for i in range(N)]
+    return s2, rgb, splits
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, raw) -> Path:
+    s2, rgb, splits = raw
+    root = tmp_path_factory.mktemp("loader")
+    halves = (range(0, N, 2), range(1, N, 2))
+    for j, half in enumerate(halves):
+        with ShardWriter(root / f"shard{j}", len(half), T, True) as writer:
+            for pos, i in enumerate(half):
+                writer.write(pos, s2[i], rgb[i], {"key": f"k{i}", "order": i, "split": splits[i]})
+    merge_shards(
+        [root / "shard0", root / "shard1"],
+        root / "p.zarr",
+        root / "p.parquet",
+        samples_per_shard=SPS,
+        clevel=1,
+        attrs={},
+    )
+    write_stats(root / "p.zarr", STATS, root / "stats.json")
+    return root / "p.zarr"
+
+
+def expected_s2(x: np.ndarray, stats: dict) -> np.ndarray:
+    mean = np.array([stats[b]["mean"] for b in MS_BANDS])[:, None, None]
+    std = np.array([stats[b]["std"] for b in MS_BANDS])[:, None, None]
+    return (x.astype(np.float64) - mean) / std
+
+
+def test_items_are_normalised_with_the_store_stats(store: Path, raw) -> None:
+    s2, rgb, _ = raw
+    ds = PretrainDataset(store, with_rgb=True)
+    assert len(ds) == N
+    for i in (0, 7, 29):
+        item = ds[i]
+        assert item["s2"].dtype == torch.float32 and item["s2"].shape == (10, T, T)
+        np.testing.assert_allclose(
+            item["s2"].numpy(), expected_s2(s2[i], STATS), rtol=1e-6, atol=1e-6
+        )
+        assert item["rgb"].dtype == torch.float32
+        np.testing.assert_allclose(item["rgb"].numpy(), rgb[i] / 255.0, rtol=1e-7, atol=0)
+        assert item["rgb"].min() >= 0 and item["rgb"].max() <= 1
+        assert item["index"].dtype == torch.int64 and item["index"].item() == i
+
+
+def test_explicit_stats_override_the_store(store: Path, raw) -> None:
+    stats = {b: {"mean": 0.0, "std": 2.0} for b in MS_BANDS}
+    item = PretrainDataset(store, stats=stats)[4]
+    assert "rgb" not in item
+    np.testing.assert_allclose(item["s2"].numpy(), raw[0][4] / 2.0, rtol=1e-6)
+
+
+def test_bad_stats_are_refused(store: Path) -> None:
+    with pytest.raises(DataError, match="B12"):
+        PretrainDataset(store, stats={b: STATS[b] for b in MS_BANDS[:-1]})
+    with pytest.raises(DataError, match="not positive"):
+        PretrainDataset(store, stats={**STATS, "B03": {"mean": 1.0, "std": 0.0}})
+
+
+def test_split_selects_rows(store: Path, raw) -> None:
+    table = store.with_suffix(".parquet")
+    ds = PretrainDataset(store, table=table, split="val")
+    rows = pd.read_parquet(table).query("split == 'val'")["index"].tolist()
+    assert rows == [i for i in range(N) if raw[2][i] == "val"]
+    assert [ds[j]["index"].item() for j in range(len(ds))] == rows
+    np.testing.assert_allclose(
+        ds[1]["s2"].numpy(), expected_s2(raw[0][rows[1]], STATS), rtol=1e-6, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="table"):
+        PretrainDataset(store, split="val")
+
+
+def test_getitems_equals_getitem(store: Path) -> None:
+    ds = PretrainDataset(store, with_rgb=True)
+    indices = [17, 2, 29, 2, 8, 9, 0, 23]  # across shards, unsorted, with a repeat
+    batch = ds.__getitems__(indices)
+    assert [b["index"].item() for b in batch] == indices
+    for i, got in zip(indices, batch, strict=True):
+        want = ds[i]
+        for key in ("s2", "rgb", "index"):
+            assert torch.equal(got[key], want[key])
+
+
+def test_dataset_survives_pickling(store: Path) -> None:
+    ds = PretrainDataset(store, with_rgb=True)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[5]["s2"], ds[5]["s2"])
+
+
+def flat(batches: list[list[int]]) -> list[int]:
+    return [i for b in batches for i in b]
+
+
+SHARD_IDS = np.arange(50) // 8  # 7 shards, the last one partial
+
+
+def test_sampler_is_deterministic_and_reshuffles() -> None:
+    a = ShardGroupedSampler(SHARD_IDS, 4, seed=1)
+    b = ShardGroupedSampler(SHARD_IDS, 4, seed=1)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    assert list(ShardGroupedSampler(SHARD_IDS, 4, seed=2)) != first
+    assert len(first) == len(a) == 50 // 4
+    assert all(len(batch) == 4 for batch in first)
+    assert len(set(flat(first))) == 48
+
+
+def test_sampler_keeps_shards_together_and_shuffles_inside() -> None:
+    sampler = ShardGroupedSampler(SHARD_IDS, 4, seed=0)
+    shard_orders, inside_shard0 = set(), set()
+    for epoch in range(4):
+        order = sampler.epoch_order(epoch)
+        assert sorted(order.tolist()) == list(range(50))
+        visits = SHARD_IDS[order]
+        runs = visits[np.r_[True, np.diff(visits) != 0]].tolist()
+        assert sorted(runs) == list(range(7))  # each shard's items are served together
+        shard_orders.add(tuple(runs))
+        inside_shard0.add(tuple(order[visits == 0].tolist()))
+    assert len(shard_orders) > 1 and len(inside_shard0) > 1
+
+
+def test_sampler_partitions_for_ddp() -> None:
+    ids = np.arange(48) // 8
+    ranks = [ShardGroupedSampler(ids, 4, seed=5, rank=r, world_size=3) for r in range(3)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    batches = [list(s) for s in ranks]
+    assert len({len(b) for b in batches}) == 1 and len(batches[0]) == len(ranks[0]) == 4
+    seen = [flat(b) for b in batches]
+    assert sorted(seen[0] + seen[1] + seen[2]) == list(range(48))  # disjoint and covering
+
+    # without drop_last every item is served; ranks still get equally many batches
+    loose = [
+        list(ShardGroupedSampler(SHARD_IDS, 4, seed=5, rank=r, world_size=3, drop_last=False))
+        for r in range(3)
+    ]
+    assert len({len(b) for b in loose}) == 1
+    assert set(flat(loose[0]) + flat(loose[1]) + flat(loose[2])) == set(range(50))
+
+
+def test_sampler_resumes_mid_epoch() -> None:
+    sampler = ShardGroupedSampler(SHARD_IDS, 4, seed=3)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(4)
+    sampler.set_position(5)
+    assert list(sampler) == full[5:]
+    assert list(sampler) == full  # the skip applies to one iteration only
+    assert len(sampler) == len(full)
+    with pytest.raises(ValueError, match="batches_done"):
+        sampler.set_position(len(full) + 1)
+
+
+def test_loader_with_workers_matches_in_process(store: Path) -> None:
+    ds = PretrainDataset(store, with_rgb=True)
+    serial = make_loader(ds, 4, workers=0, seed=11)
+    parallel = make_loader(ds, 4, workers=2, seed=11)
+    for loader in (serial, parallel):
+        loader.batch_sampler.set_epoch(1)
+    got_serial, got_parallel = list(serial), list(parallel)
+    assert len(got_serial) == len(got_parallel) == N // 4
+    for a, b in zip(got_serial, got_parallel, strict=True):
+        assert a["s2"].shape == (4, 10, T, T) and a["rgb"].shape == (4, 3, T, T)
+        for key in ("s2", "rgb", "index"):
+            assert torch.equal(a[key], b[key])
+    indices = torch.cat([b["index"] for b in got_parallel]).tolist()
+    assert len(set(indices)) == len(indices) == (N // 4) * 4
+    first = got_parallel[0]
+    np.testing.assert_allclose(
+        first["s2"][0].numpy(), ds[int(first["index"][0])]["s2"].numpy(), rtol=0, atol=0
+    )
