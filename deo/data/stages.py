@@ -22,7 +22,6 @@ import pandas as pd
 from deo import __version__
 from deo.config import DataConfig, HarmoniseConfig, SelectionConfig, SentinelSource, digest, to_dict
 from deo.data import fmow
-from deo.data.bands import BY_NAME, MS_BANDS
 from deo.data.extract import extract_tar, write_skipped_csv
 from deo.data.fetch import FetchItem, FetchResult, fetch_all, require_ok
 from deo.data.harmonise import read_rgb, read_s2
@@ -174,7 +173,7 @@ def harmonise_shard(
             found.append(Reject(e.path, "harmonise", e.problem))
             continue
         rgb, rgb_info = None, {}
-        if with_rgb and scene.rgb_jpg:
+        if with_rgb and isinstance(scene.rgb_jpg, str):  # absent partners read back as NaN
             try:
                 rgb, rgb_info = read_rgb(
                     Path(scene.rgb_jpg), Path(scene.rgb_json), grid, cfg, polygon_wkt=scene.polygon
@@ -257,6 +256,7 @@ def merge(
         samples_per_shard=cfg.store.samples_per_shard,
         clevel=cfg.store.clevel,
         attrs=store_attrs(cfg),
+        gsd_m=cfg.harmonise.gsd_m,
     )
     counts = {
         "scenes_selected": n_scenes,
@@ -276,13 +276,8 @@ def _reason_kind(reason: str) -> str:
 
 
 def store_attrs(cfg: DataConfig) -> dict:
-    """Provenance and band metadata written into the store's attributes."""
+    """Provenance for the store's attributes (``merge_shards`` adds the band metadata)."""
     return {
-        "bands": list(MS_BANDS),
-        "wavelengths_nm": [BY_NAME[b].wavelength_nm for b in MS_BANDS],
-        "rgb_channels": ["R", "G", "B"] if cfg.rgb.enabled else [],
-        "tile_size": cfg.harmonise.tile_size,
-        "gsd_m": cfg.harmonise.gsd_m,
         "provenance": {
             "sentinel_url": cfg.sentinel.url if cfg.mirror is None else "synthetic mirror",
             "rgb_url": (cfg.rgb.url if cfg.mirror is None else "synthetic mirror")

@@ -1,4 +1,6 @@
 import json
+import os
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -7,6 +9,10 @@ from deo.config import digest
 
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+
+# Jobs find the `deo` command installed beside the Python running Snakemake (a venv need not
+# be activated); a rule's conda environment, when deployed, comes first on PATH.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
 
 
 wildcard_constraints:
