@@ -140,6 +140,23 @@ def _train(a: argparse.Namespace) -> None:
     except Preempted as e:
         log.warning("%s", e)
         raise SystemExit(128 + e.signum) from e
+    if a.final_checkpoint and int(os.environ.get("RANK", "0")) == 0:
+        from deo.train.finish import publish_run
+
+        publish_run(a.out, a.final_checkpoint, a.final_metrics)
+
+
+def _export(a: argparse.Namespace) -> None:
+    from deo.train.finish import export_run
+
+    export_run(a.checkpoint, a.out)
+
+
+def _tiny_teacher(a: argparse.Namespace) -> None:
+    from deo.models.teacher import build_tiny_teacher_weights
+    from deo.train.config import parse_teacher
+
+    build_tiny_teacher_weights(a.out, parse_teacher(json.loads(a.teacher)))
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:
@@ -232,6 +249,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--nproc-per-node", type=int, default=1, help="local ranks (torchrun)")
     s.add_argument("--max-steps", type=int, help="stop after this many steps in all (tests)")
+    s.add_argument("--final-checkpoint", type=Path, help="where the finished run's checkpoint goes")
+    s.add_argument("--final-metrics", type=Path, help="per-step metrics of the finished run, CSV")
+
+    s = cmd("export", _export, "write the student backbone (and torchgeo's Swin layout)")
+    s.add_argument("--checkpoint", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+
+    s = cmd("tiny-teacher", _tiny_teacher, "write the tiny random-weight teacher of the demo")
+    s.add_argument("--teacher", required=True, help="the teacher section (JSON)")
+    s.add_argument("--out", type=Path, required=True)
 
     s = cmd("stats", _stats, "per-band mean/std over a split, into the store and a JSON")
     for name in ("--store", "--table", "--out"):

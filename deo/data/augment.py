@@ -7,9 +7,12 @@ RGB, flips both the same way, and then perturbs the colours of the RGB only (DIN
 the MS channels carry physical reflectances that the student must learn to read, while the RGB
 path and the optical teacher are trained on photometrically augmented natural images.
 
-Why batched tensors and not per-sample PIL transforms in loader workers: a batch of 12 views is a
-handful of vectorised kernels here (one ``roi_align`` for all crops of one size, elementwise colour
-ops), which the GPU runs in microseconds; see ``benchmarks/bench_augment.py``.
+Why batched tensors on the training device and not per-sample transforms in loader workers: the
+views of one size are one ``roi_align`` call plus a few dozen elementwise kernels for the whole
+batch, so an accelerator renders them without loader workers, and every random choice is an
+explicit, storable parameter. On a CPU the cost per batch is about that of the per-sample
+torchvision pipeline (the work per pixel is the same and it is memory-bound); see
+``benchmarks/bench_augment.py``.
 
 Replay. The teacher-target cache stores, per sample, the parameters of the global views it
 computed targets for, and training must re-create exactly those views. So every random number
@@ -24,8 +27,8 @@ computes a sample's pixels with the same sequence of IEEE operations whatever it
   associative, instead of a float reduction whose order depends on the batch shape;
 - the Gaussian blur is an explicit sum over taps (elementwise multiply-add, no convolution
   algorithm chosen by shape), with taps computed on the CPU in float64 and rounded to float32
-  (the SIMD and scalar ``exp`` differ by at most 1 ulp of float64, which the rounding absorbs
-  except with probability about 2**-29 per tap).
+  (SIMD and scalar ``exp`` may differ by an ulp of float64, which the rounding absorbs except
+  with a probability of order 2**-29 per tap).
 
 Results depend on the device (CPU vs CUDA kernels), so a cache is replayed on the device kind
 that built it when bit equality matters.
@@ -64,7 +67,7 @@ GRAY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 """ITU-R 601 luma, as torchvision's ``rgb_to_grayscale`` (and so ColorJitter's contrast and
 saturation)."""
 
-_CPU_CHUNK_BYTES = 2**21
+_CPU_CHUNK_BYTES = 2**22
 """RGB bytes per chunk of the photometric ops on the CPU (see ``MultiCrop._photometric``)."""
 
 CROP_ATTEMPTS = 10
@@ -93,7 +96,7 @@ class ViewParams:
     covers ``[i, i + 1)``, so the full tile is ``(0, 0, T, T)``):
 
     - ``box`` float32 ``(B, 4)``: ``x0, y0, x1, y1``;
-    - ``hflip``, ``vflip`` bool ``(B,)``: applied after the crop;
+    - ``hflip``, ``vflip`` bool ``(B,)``: the view is the mirrored crop;
     - ``jitter`` float32 ``(B, 4)``: brightness, contrast, saturation factors and hue shift (in
       turns, torchvision's convention), applied in the per-sample order ``jitter_order`` int64
       ``(B, 4)`` (a permutation of 0..3 in that field order, as torchvision's ColorJitter);
@@ -376,7 +379,7 @@ class MultiCrop:
 
         On the CPU the rows go through in chunks of about ``_CPU_CHUNK_BYTES``: the ops are
         memory-bound chains of elementwise passes, which run several times faster when their
-        temporaries stay in cache (blur ~10x, hue ~3x measured at 224 px). Rows are independent,
+        temporaries stay in cache (blur ~10x, hue ~3x faster at 224 px here). Rows are independent,
         so chunking does not change a bit of the result. Accelerators take the batch whole.
         """
         n = rgb.shape[0]

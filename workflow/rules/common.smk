@@ -3,9 +3,11 @@ import os
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from deo.config import digest
+from deo.train.config import run_config
 
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
@@ -17,6 +19,7 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 
 wildcard_constraints:
     shard=r"\d+",
+    run=r"[A-Za-z0-9_-]+",
 
 
 DATA = config["data"]
@@ -72,8 +75,60 @@ def pair_inputs(wildcards):
     return inputs
 
 
+TEACHER = config["teacher"]
+TINY_TEACHER = f"resources/teacher/tiny-{digest(TEACHER)}.safetensors"
+
+
+def teacher_section():
+    """The teacher config as training reads it: the tiny teacher's weights are our own file."""
+    return {**TEACHER, "weights": TINY_TEACHER} if TEACHER["tiny"] else TEACHER
+
+
+def teacher_params():
+    return json.dumps(teacher_section(), sort_keys=True)
+
+
+def check_teacher_weights():
+    """A missing weights file fails before any job starts, with where to obtain it."""
+    if TEACHER["tiny"]:
+        return
+    weights = TEACHER["weights"]
+    if not weights or not Path(weights).is_file():
+        raise WorkflowError(
+            f"teacher.weights: {weights!r} is not a file. The DINOv3 weights for "
+            f"{TEACHER['arch']} are licence-gated: request them at https://ai.meta.com/dinov3/ "
+            "(or the facebook/dinov3-* Hugging Face repositories), save the .pth locally "
+            "and set teacher.weights to its path."
+        )
+
+
+check_teacher_weights()
+
+
+def train_params(run):
+    """The run's resolved train section: a change to it reruns that run's training."""
+    return json.dumps(run_config(config["train"], run), sort_keys=True)
+
+
+def train_work_dir(run):
+    """Where a run's resumable state lives, keyed by its config (outside Snakemake's outputs)."""
+    key = digest({"train": run_config(config["train"], run), "teacher": teacher_section()})
+    return f"results/train/{run}/work-{key}"
+
+
+def distill_inputs(wildcards):
+    inputs = {
+        "store": "results/data/pretrain.zarr",
+        "table": "results/data/pretrain.parquet",
+        "stats": "results/data/stats.json",
+    }
+    if TEACHER["tiny"]:
+        inputs["teacher"] = TINY_TEACHER
+    return inputs
+
+
 def all_targets():
     return [
-        "results/data/stats.json",
         "results/data/counts.json",
+        *expand("results/train/{run}/export", run=config["train"]["runs"]),
     ]

@@ -1,0 +1,170 @@
+"""The embedded-default DAG end to end, read back with plain zarr/pandas, and its rerun rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+import zarr
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.timeout(1200)
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+    done = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
+    if check and done.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wd = tmp_path_factory.mktemp("workflow")
+    shutil.copy(ROOT / "Snakefile", wd)
+    for folder in ("workflow", "config", "envs"):
+        shutil.copytree(ROOT / folder, wd / folder)
+    snakemake(wd)
+    return wd
+
+
+def jobs_of_dry_run(workdir: Path, *args: str) -> set[str]:
+    """Rule names a dry run would execute."""
+    out = snakemake(workdir, "-n", "--quiet", "rules", *args).stdout
+    if "Nothing to be done" in out:
+        return set()
+    table = out.split("Job stats:")[1].splitlines()[3:]
+    return {line.split()[0] for line in table if line.strip() and line.split()[0] != "total"}
+
+
+def variant(workdir: Path, name: str, change) -> str:
+    cfg = yaml.safe_load((workdir / "config/config.yaml").read_text())
+    change(cfg)
+    (workdir / name).write_text(yaml.safe_dump(cfg))
+    return name
+
+
+def test_store_follows_the_contract(workdir: Path) -> None:
+    data = workdir / "results/data"
+    group = zarr.open_group(data / "pretrain.zarr", mode="r")
+    s2, rgb = group["s2"], group["rgb"]
+    table = pd.read_parquet(data / "pretrain.parquet")
+    cfg = yaml.safe_load((workdir / "config/config.yaml").read_text())["data"]
+    tile, per_shard = cfg["harmonise"]["tile_size"], cfg["store"]["samples_per_shard"]
+    assert s2.dtype == np.uint16 and s2.shape == (len(table), 10, tile, tile)
+    assert rgb.dtype == np.uint8 and rgb.shape == (len(table), 3, tile, tile)
+    assert s2.chunks == (1, 10, tile, tile) and s2.shards == (per_shard, 10, tile, tile)
+    codecs = json.dumps(s2.metadata.to_dict()["codecs"])
+    assert '"cname": "zstd"' in codecs and '"shuffle": "bitshuffle"' in codecs
+    attrs = dict(group.attrs)
+    assert attrs["bands"] == ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
+    assert len(attrs["wavelengths_nm"]) == 10 and attrs["tile_size"] == tile
+    assert set(attrs["stats"]) >= set(attrs["bands"])
+    assert attrs["provenance"]["config_digest"]
+    # the stats equal numpy's on the train split (non-zero pixels), read with plain zarr
+    train = table.index[table["split"] == "train"].to_numpy()
+    b04 = s2[:, 2][train].astype(np.float64)
+    valid = b04[b04 != 0]
+    assert attrs["stats"]["B04"]["mean"] == pytest.approx(valid.mean(), rel=1e-9)
+    assert attrs["stats"]["B04"]["std"] == pytest.approx(valid.std(), rel=1e-9)
+    assert table["has_rgb"].sum() > 0 and not rgb[np.flatnonzero(~table["has_rgb"])].any()
+    assert np.asarray(s2[np.flatnonzero(table["has_rgb"])[0]]).any()
+
+
+def test_every_selected_input_is_stored_or_rejected(workdir: Path) -> None:
+    data = workdir / "results/data"
+    selected = pd.read_parquet(data / "selection.parquet")
+    stored = set(pd.read_parquet(data / "pretrain.parquet")["key"])
+    rejects = pd.read_csv(data / "rejects.csv")
+    rejected = {p for p in rejects["path"] if p.endswith(".tif")}
+    for rel in selected["s2_relpath"]:
+        in_rejects = any(p.endswith(rel) for p in rejected)
+        assert (rel in stored) != in_rejects, f"{rel}: stored={rel in stored} rejected={in_rejects}"
+    counts = json.loads((data / "counts.json").read_text())
+    assert counts["scenes_stored"] == len(stored)
+    assert counts["scenes_selected"] == len(selected)
+
+
+REASONS = {
+    "truncated_tif": "truncated or corrupt GeoTIFF",
+    "wrong_band_count": "expected 13 bands",
+    "wrong_dtype": "found dtype float32",
+    "all_nodata": "nodata",
+    "missing_tif": "absent",
+    "corrupt_jpeg": "corrupt or truncated JPEG",
+    "bad_json": "unreadable JSON",
+    "missing_rgb": "partner download failed",
+}
+
+
+def test_each_kind_of_bad_input_is_rejected_with_its_reason(workdir: Path) -> None:
+    bad = json.loads((workdir / "resources/mirror-hosts/bad_inputs.json").read_text())
+    rejects = pd.read_csv(workdir / "results/data/rejects.csv")
+    assert {b["kind"] for b in bad} == set(REASONS)
+    for item in bad:
+        rows = rejects[rejects["path"].str.endswith(item["path"])]
+        assert len(rows), f"{item} not in rejects.csv"
+        assert rows["reason"].str.contains(REASONS[item["kind"]]).all(), rows.to_dict("records")
+
+
+def test_training_ran_and_exported(workdir: Path) -> None:
+    metrics = pd.read_csv(workdir / "results/train/deo/metrics.csv")
+    assert len(metrics) > 0 and np.isfinite(metrics["loss"]).all()
+    for column in ("compression", "expansion", "cls", "patch_final", "patch_mid", "lr", "wd"):
+        assert column in metrics
+    assert (workdir / "results/train/deo/export/backbone.safetensors").is_file()
+    assert (workdir / "results/benchmarks/distill_deo.tsv").is_file()
+
+
+def test_nothing_reruns_without_a_change(workdir: Path) -> None:
+    assert jobs_of_dry_run(workdir) == set()
+
+
+def test_a_harmonise_key_reruns_harmonise_and_downstream_only(workdir: Path) -> None:
+    name = variant(workdir, "tile.yaml", lambda c: c["data"]["harmonise"].update(tile_size=80))
+    assert jobs_of_dry_run(workdir, "--configfile", name) == {
+        "harmonise", "merge", "stats", "distill", "export", "all",
+    }  # fmt: skip
+
+
+def test_a_selection_key_reruns_from_select(workdir: Path) -> None:
+    name = variant(workdir, "seed.yaml", lambda c: c["data"]["selection"].update(seed=1))
+    jobs = jobs_of_dry_run(workdir, "--configfile", name)
+    assert {"select_scenes", "extract", "fetch_rgb", "pair", "merge"} <= jobs
+    assert not jobs & {"mirror", "fetch_sentinel", "verify_sentinel"}
+
+
+def test_a_train_key_reruns_training_only(workdir: Path) -> None:
+    name = variant(workdir, "epochs.yaml", lambda c: c["train"]["defaults"].update(epochs=5))
+    assert jobs_of_dry_run(workdir, "--configfile", name) == {"distill", "export", "all"}
+
+
+def test_config_errors_fail_before_any_job(workdir: Path) -> None:
+    name = variant(workdir, "typo.yaml", lambda c: c["data"]["harmonise"].update(tile_sise=64))
+    done = snakemake(workdir, "-n", "--configfile", name, check=False)
+    assert done.returncode != 0 and "tile_sise" in done.stdout + done.stderr
+    weights = variant(
+        workdir, "weights.yaml", lambda c: c["teacher"].update(tiny=False, weights="nope.pth")
+    )
+    done = snakemake(workdir, "-n", "--configfile", weights, check=False)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0 and "nope.pth" in text and "licence" in text
+
+
+def test_reject_bound_fails_merge_naming_the_worst(workdir: Path) -> None:
+    """Last: it leaves the merge's outputs removed."""
+    name = variant(workdir, "strict.yaml", lambda c: c["data"].update(max_reject_fraction=0.01))
+    done = snakemake(workdir, "--configfile", name, "--until", "merge", check=False)
+    assert done.returncode != 0
+    log = (workdir / "logs/data/merge.log").read_text()
+    assert "data.max_reject_fraction=1.0%" in log and "rejected" in log and "e.g." in log

@@ -1,0 +1,60 @@
+rule tiny_teacher:
+    output:
+        TINY_TEACHER,
+    params:
+        teacher=teacher_params(),
+    log:
+        "logs/train/tiny_teacher.log",
+    benchmark:
+        "results/benchmarks/tiny_teacher.tsv"
+    conda:
+        ENV
+    shell:
+        "deo tiny-teacher --teacher {params.teacher:q} --out {output} 2> {log}"
+
+
+rule distill:
+    input:
+        unpack(distill_inputs),
+    output:
+        checkpoint="results/train/{run}/checkpoint.pt",
+        metrics=report(
+            "results/train/{run}/metrics.csv",
+            caption="../report/metrics.rst",
+            category="Training",
+            subcategory="{run}",
+        ),
+    params:
+        train=lambda wildcards: train_params(wildcards.run),
+        teacher=teacher_params(),
+        work=lambda wildcards: train_work_dir(wildcards.run),
+    log:
+        "logs/train/distill_{run}.log",
+    benchmark:
+        "results/benchmarks/distill_{run}.tsv"
+    threads: 2
+    resources:
+        gpu=0,
+        runtime=60,
+    conda:
+        ENV
+    shell:
+        "deo train --train {params.train:q} --teacher {params.teacher:q}"
+        " --store {input.store} --table {input.table} --out {params.work}"
+        " --nproc-per-node {resources.gpu} --final-checkpoint {output.checkpoint}"
+        " --final-metrics {output.metrics} 2> {log}"
+
+
+rule export:
+    input:
+        "results/train/{run}/checkpoint.pt",
+    output:
+        directory("results/train/{run}/export"),
+    log:
+        "logs/train/export_{run}.log",
+    benchmark:
+        "results/benchmarks/export_{run}.tsv"
+    conda:
+        ENV
+    shell:
+        "deo export --checkpoint {input} --out {output} 2> {log}"
