@@ -11,12 +11,17 @@ configfile: "config/config.yaml"
 report: "workflow/report/workflow.rst"
 
 
+wildcard_constraints:
+    shard=r"\d+",
+    run=r"[A-Za-z0-9_-]+",
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

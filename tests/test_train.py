@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fakes import TINY_TEACHER, TINY_TRAIN, write_store
 
 from deo.train.checkpoint import load_checkpoint
 from deo.train.config import parse_teacher, parse_train
 from deo.train.loop import NonFiniteLoss, train
 from deo.train.meta_arch import DualTeacherDistillation
-from fakes import TINY_TEACHER, TINY_TRAIN, write_store
 
 LOSS_KEYS = ("loss", "compression", "expansion", "cls", "patch_final", "patch_mid", "lr", "wd")
 

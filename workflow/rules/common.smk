@@ -1,6 +1,4 @@
 import json
-import os
-import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -8,18 +6,16 @@ from snakemake.utils import validate
 
 from deo.config import digest
 from deo.train.config import run_config
-
+from deo.workflow import prefer_beside_python
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
-# Jobs find the `deo` command installed beside the Python running Snakemake (a venv need not
-# be activated); a rule's conda environment, when deployed, comes first on PATH.
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+
+envvars:
+    "PATH",
 
 
-wildcard_constraints:
-    shard=r"\d+",
-    run=r"[A-Za-z0-9_-]+",
+prefer_beside_python()
 
 
 DATA = config["data"]
@@ -38,7 +34,7 @@ RGB_DIR = f"{DOWNLOADS}/rgb"
 
 
 def data_params(*sections):
-    """The data config sections a rule reads, as JSON: a change to them reruns the rule."""
+    """JSON of the data config sections a job reads; a change to them reruns the job."""
     return json.dumps({k: DATA[k] for k in sections}, sort_keys=True)
 
 
@@ -112,7 +108,9 @@ def train_params(run):
 
 def train_work_dir(run):
     """Where a run's resumable state lives, keyed by its config (outside Snakemake's outputs)."""
-    key = digest({"train": run_config(config["train"], run), "teacher": teacher_section()})
+    key = digest(
+        {"train": run_config(config["train"], run), "teacher": teacher_section()}
+    )
     return f"results/train/{run}/work-{key}"
 
 

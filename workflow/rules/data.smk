@@ -1,14 +1,14 @@
 rule mirror:
     output:
         directory(MIRROR),
-    params:
-        data=data_params("mirror", "sentinel"),
     log:
         "logs/data/mirror.log",
     benchmark:
         "results/benchmarks/mirror.tsv"
     conda:
         ENV
+    params:
+        data=data_params("mirror", "sentinel"),
     shell:
         "deo mirror --data {params.data:q} --out {output} 2> {log}"
 
@@ -18,17 +18,17 @@ rule fetch_sentinel:
         mirror_input,
     output:
         record="results/data/sentinel_fetch.csv",
-    params:
-        data=data_params("sentinel", "fetch"),
-        url=source_url("sentinel"),
-        dest=SENTINEL_DIR,
     log:
         "logs/data/fetch_sentinel.log",
     benchmark:
         "results/benchmarks/fetch_sentinel.tsv"
-    threads: 2
     conda:
         ENV
+    threads: 2
+    params:
+        data=data_params("sentinel", "fetch"),
+        url=source_url("sentinel"),
+        dest=SENTINEL_DIR,
     shell:
         "deo fetch-sentinel --data {params.data:q} --base-url {params.url:q}"
         " --dest {params.dest} --record {output.record} 2> {log}"
@@ -39,14 +39,14 @@ rule verify_sentinel:
         "results/data/sentinel_fetch.csv",
     output:
         "results/data/sentinel_verified.json",
-    params:
-        manifest=f"{SENTINEL_DIR}/manifest.json",
     log:
         "logs/data/verify_sentinel.log",
     benchmark:
         "results/benchmarks/verify_sentinel.tsv"
     conda:
         ENV
+    params:
+        manifest=f"{SENTINEL_DIR}/manifest.json",
     shell:
         "deo verify --manifest {params.manifest} --out {output} 2> {log}"
 
@@ -56,15 +56,15 @@ rule select_scenes:
         "results/data/sentinel_verified.json",
     output:
         "results/data/selection.parquet",
-    params:
-        data=data_params("sentinel", "selection"),
-        csv_dir=SENTINEL_DIR,
     log:
         "logs/data/select_scenes.log",
     benchmark:
         "results/benchmarks/select_scenes.tsv"
     conda:
         ENV
+    params:
+        data=data_params("sentinel", "selection"),
+        csv_dir=SENTINEL_DIR,
     shell:
         "deo select --data {params.data:q} --csv-dir {params.csv_dir} --out {output} 2> {log}"
 
@@ -76,16 +76,16 @@ rule extract:
     output:
         record="results/data/extracted.csv",
         skipped="results/data/extract_skipped.csv",
-    params:
-        data=data_params("sentinel"),
-        archive=f"{SENTINEL_DIR}/{DATA['sentinel']['archive']}",
-        dest=SCENES_DIR,
     log:
         "logs/data/extract.log",
     benchmark:
         "results/benchmarks/extract.tsv"
     conda:
         ENV
+    params:
+        data=data_params("sentinel"),
+        archive=f"{SENTINEL_DIR}/{DATA['sentinel']['archive']}",
+        dest=SCENES_DIR,
     shell:
         "deo extract --data {params.data:q} --archive {params.archive}"
         " --selection {input.selection} --dest {params.dest}"
@@ -98,17 +98,17 @@ rule fetch_rgb:
         selection="results/data/selection.parquet",
     output:
         record="results/data/rgb_fetch.csv",
-    params:
-        data=data_params("fetch"),
-        url=source_url("rgb"),
-        dest=RGB_DIR,
     log:
         "logs/data/fetch_rgb.log",
     benchmark:
         "results/benchmarks/fetch_rgb.tsv"
-    threads: 2
     conda:
         ENV
+    threads: 2
+    params:
+        data=data_params("fetch"),
+        url=source_url("rgb"),
+        dest=RGB_DIR,
     shell:
         "deo fetch-rgb --data {params.data:q} --selection {input.selection}"
         " --base-url {params.url:q} --dest {params.dest} --record {output.record} 2> {log}"
@@ -121,16 +121,16 @@ rule pair:
         pairs="results/data/pairs.parquet",
         rejects="results/data/rejects/pair.csv",
         counts="results/data/pair_counts.json",
-    params:
-        data=data_params("sentinel"),
-        sentinel_root=SCENES_DIR,
-        rgb=rgb_args,
     log:
         "logs/data/pair.log",
     benchmark:
         "results/benchmarks/pair.tsv"
     conda:
         ENV
+    params:
+        data=data_params("sentinel"),
+        sentinel_root=SCENES_DIR,
+        rgb=rgb_args,
     shell:
         "deo pair --data {params.data:q} --selection {input.selection}"
         " --sentinel-root {params.sentinel_root} --extract-skipped {input.skipped}"
@@ -144,16 +144,16 @@ rule harmonise:
     output:
         shard=temp(directory("results/data/shards/{shard}.zarr")),
         rejects="results/data/rejects/harmonise_{shard}.csv",
-    params:
-        data=data_params("harmonise", "rgb"),
     log:
         "logs/data/harmonise_{shard}.log",
     benchmark:
         "results/benchmarks/harmonise_{shard}.tsv"
-    resources:
-        mem_mb=2000,
     conda:
         ENV
+    resources:
+        mem_mb=2000,
+    params:
+        data=data_params("harmonise", "rgb"),
     shell:
         "deo harmonise --data {params.data:q} --pairs {input} --shard {wildcards.shard}"
         " --out {output.shard} --rejects {output.rejects} 2> {log}"
@@ -176,16 +176,16 @@ rule merge:
             category="Data",
         ),
         counts="results/data/counts.json",
-    params:
-        data=data_params(
-            "mirror", "sentinel", "rgb", "harmonise", "store", "max_reject_fraction"
-        ),
     log:
         "logs/data/merge.log",
     benchmark:
         "results/benchmarks/merge.tsv"
     conda:
         ENV
+    params:
+        data=data_params(
+            "mirror", "sentinel", "rgb", "harmonise", "store", "max_reject_fraction"
+        ),
     shell:
         "deo merge --data {params.data:q} --pairs {input.pairs} --shards {input.shards}"
         " --reject-tables {input.rejects} --out-store {output.store}"

@@ -1,14 +1,14 @@
 rule tiny_teacher:
     output:
         TINY_TEACHER,
-    params:
-        teacher=teacher_params(),
     log:
         "logs/train/tiny_teacher.log",
     benchmark:
         "results/benchmarks/tiny_teacher.tsv"
     conda:
         ENV
+    params:
+        teacher=teacher_params(),
     shell:
         "deo tiny-teacher --teacher {params.teacher:q} --out {output} 2> {log}"
 
@@ -24,20 +24,20 @@ rule distill:
             category="Training",
             subcategory="{run}",
         ),
-    params:
-        train=lambda wildcards: train_params(wildcards.run),
-        teacher=teacher_params(),
-        work=lambda wildcards: train_work_dir(wildcards.run),
     log:
         "logs/train/distill_{run}.log",
     benchmark:
         "results/benchmarks/distill_{run}.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         gpu=0,
         runtime=60,
-    conda:
-        ENV
+    params:
+        train=lambda wildcards: train_params(wildcards.run),
+        teacher=teacher_params(),
+        work=lambda wildcards: train_work_dir(wildcards.run),
     shell:
         "deo train --train {params.train:q} --teacher {params.teacher:q}"
         " --store {input.store} --table {input.table} --out {params.work}"
