@@ -29,11 +29,24 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def cli(store: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "deo.cli", "train",
-        "--train", json.dumps(TINY_TRAIN), "--teacher", json.dumps(TINY_TEACHER),
-        "--store", str(store[0]), "--table", str(store[1]), "--out", str(out),
-        "--device", "cpu", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "deo.cli",
+        "train",
+        "--train",
+        json.dumps(TINY_TRAIN),
+        "--teacher",
+        json.dumps(TINY_TEACHER),
+        "--store",
+        str(store[0]),
+        "--table",
+        str(store[1]),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -44,8 +57,15 @@ def metrics(run: Path) -> list[dict]:
 def test_sigterm_then_resume_equals_uninterrupted_run(store, tmp_path: Path) -> None:
     total = 8
     straight = tmp_path / "straight"
-    train(parse_train(TINY_TRAIN), parse_teacher(TINY_TEACHER), *store, straight,
-          device="cpu", max_steps=total, progress=False)  # fmt: skip
+    train(
+        parse_train(TINY_TRAIN),
+        parse_teacher(TINY_TEACHER),
+        *store,
+        straight,
+        device="cpu",
+        max_steps=total,
+        progress=False,
+    )
 
     run = tmp_path / "interrupted"
     proc = subprocess.Popen(cli(store, run, "--max-steps", str(total)), stderr=subprocess.PIPE)
@@ -100,8 +120,15 @@ def test_non_finite_loss_names_step_and_samples(store, tmp_path: Path, monkeypat
     original = meta_arch.dual_teacher_loss
     monkeypatch.setattr(meta_arch, "dual_teacher_loss", nan_loss)
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 0: .*samples \[\d+"):
-        train(parse_train(TINY_TRAIN), parse_teacher(TINY_TEACHER), *store, tmp_path,
-              device="cpu", max_steps=1, progress=False)  # fmt: skip
+        train(
+            parse_train(TINY_TRAIN),
+            parse_teacher(TINY_TEACHER),
+            *store,
+            tmp_path,
+            device="cpu",
+            max_steps=1,
+            progress=False,
+        )
 
 
 def test_resume_refuses_another_config(store, tmp_path: Path) -> None:

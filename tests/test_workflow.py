@@ -135,8 +135,13 @@ def test_nothing_reruns_without_a_change(workdir: Path) -> None:
 def test_a_harmonise_key_reruns_harmonise_and_downstream_only(workdir: Path) -> None:
     name = variant(workdir, "tile.yaml", lambda c: c["data"]["harmonise"].update(tile_size=80))
     assert jobs_of_dry_run(workdir, "--configfile", name) == {
-        "harmonise", "merge", "stats", "distill", "export", "all",
-    }  # fmt: skip
+        "harmonise",
+        "merge",
+        "stats",
+        "distill",
+        "export",
+        "all",
+    }
 
 
 def test_a_selection_key_reruns_from_select(workdir: Path) -> None:

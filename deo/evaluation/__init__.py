@@ -1,0 +1,1 @@
+"""Downstream evaluation: benchmark readers, protocols, metrics and the results table."""
