@@ -159,11 +159,29 @@ def harmonise_shard(
     table = pd.read_parquet(pairs)
     mine = table.iloc[shard::n_shards]
     partial = out.with_name(out.name + ".partial")
-    writer = ShardWriter(partial, n=len(mine), tile_size=cfg.tile_size, with_rgb=with_rgb)
-    done = writer.done_keys
-    if done:
-        log.info("resuming shard %d: %d of %d scenes already done", shard, len(done), len(mine))
     found: list[Reject] = []
+    # The writer flushes its table on the way out, also when the job fails or is terminated.
+    with ShardWriter(partial, n=len(mine), tile_size=cfg.tile_size, with_rgb=with_rgb) as writer:
+        done = writer.done_keys
+        if done:
+            log.info("resuming shard %d: %d of %d scenes done", shard, len(done), len(mine))
+        _harmonise_scenes(mine, done, writer, cfg, with_rgb, found)
+        stored = len(writer.done_keys)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    write_rejects(found, rejects)
+    log.info("shard %d: %d scenes stored, %d rejects", shard, stored, len(found))
+
+
+def _harmonise_scenes(
+    mine: pd.DataFrame,
+    done: set[str],
+    writer: ShardWriter,
+    cfg: HarmoniseConfig,
+    with_rgb: bool,
+    found: list[Reject],
+) -> None:
     for position, scene in enumerate(mine.itertuples(index=False)):
         if scene.s2_relpath in done:
             continue
@@ -185,12 +203,6 @@ def harmonise_shard(
         writer.write(
             position, s2, rgb, _sample_meta(scene, rgb_info, s2_info, has_rgb=bool(rgb_info))
         )
-    writer.close()
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    write_rejects(found, rejects)
-    log.info("shard %d: %d scenes stored, %d rejects", shard, len(writer.done_keys), len(found))
 
 
 def _blank_rgb(tile_size: int) -> np.ndarray:
