@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import resource
 import signal
 import time
 from contextlib import nullcontext
@@ -343,6 +344,8 @@ def _metrics(
     record["step_s"] = seconds
     if ctx.device.type == "cuda":
         record["max_memory_mb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**20
+    else:
+        record["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return record
 
 
