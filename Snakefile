@@ -14,11 +14,15 @@ report: "workflow/report/workflow.rst"
 wildcard_constraints:
     shard=r"\d+",
     run=r"[A-Za-z0-9_-]+",
+    variant=r"(partner|derived)-(aug|plain)",
+    part=r"\d+",
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/teacher.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

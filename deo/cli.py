@@ -19,6 +19,8 @@ from deo.config import DataConfig, from_dict
 from deo.errors import ConfigError, DeoError
 
 log = logging.getLogger("deo")
+PROFILE = Path(__file__).resolve().parents[1] / "workflow" / "profiles" / "slurm"
+"""The Slurm profile of the checkout this package is installed from (editable install)."""
 
 
 def data_config(text: str, *required: str) -> DataConfig:
@@ -132,12 +134,19 @@ def _train(a: argparse.Namespace) -> None:
     from deo.train.config import parse_teacher, parse_train
     from deo.train.loop import Preempted, train
 
-    if a.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        _relaunch_with_torchrun(a.nproc_per_node)
-        return
+    _launch_ranks(a)
     cfg, teacher = parse_train(json.loads(a.train)), parse_teacher(json.loads(a.teacher))
     try:
-        train(cfg, teacher, a.store, a.table, a.out, device=a.device, max_steps=a.max_steps)
+        train(
+            cfg,
+            teacher,
+            a.store,
+            a.table,
+            a.out,
+            device=a.device,
+            max_steps=a.max_steps,
+            teacher_cache=a.teacher_cache,
+        )
     except Preempted as e:
         log.warning("%s", e)
         raise SystemExit(128 + e.signum) from e
@@ -160,11 +169,89 @@ def _tiny_teacher(a: argparse.Namespace) -> None:
     build_tiny_teacher_weights(a.out, parse_teacher(json.loads(a.teacher)))
 
 
-def _relaunch_with_torchrun(nproc: int) -> None:
-    """Start ``nproc`` local ranks of this same command under torchrun (one node)."""
-    from torch.distributed.run import main as torchrun
+def _cache_teacher(a: argparse.Namespace) -> None:
+    from deo.cache.build import build_part
+    from deo.cache.spec import CacheConfig, GlobalViews
+    from deo.train.config import parse_teacher
 
-    torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "deo.cli", *sys.argv[1:]])
+    views = from_dict(GlobalViews, json.loads(a.views), "global views")
+    cache = from_dict(CacheConfig, json.loads(a.cache), "teacher.cache")
+    teacher = parse_teacher(json.loads(a.teacher))
+    build_part(a.store, a.table, teacher, views, cache, a.part, a.work, a.out, device=a.device)
+
+
+def _finalise_teacher_cache(a: argparse.Namespace) -> None:
+    from deo.cache.build import finalise
+
+    finalise(a.parts, a.out)
+
+
+def _launch_ranks(a: argparse.Namespace) -> None:
+    """Become torchrun (or one srun launcher per node) when the resources ask for more ranks.
+
+    The process is replaced (exec), so the scheduler's signals and the exit status reach
+    the ranks and the launcher directly; it returns only where this process trains itself.
+    """
+    import os
+
+    from deo.train.launch import Resources, plan
+
+    res = Resources(a.gpus, a.nodes, a.cpus_per_node, a.nproc_per_node)
+    launch = plan(sys.argv[1:], res, os.environ)
+    if launch is not None:
+        log.info("launching: %s", " ".join(launch.argv))
+        sys.stderr.flush()
+        os.execvpe(launch.argv[0], launch.argv, {**os.environ, **launch.env})
+
+
+def _install_profile(a: argparse.Namespace) -> None:
+    """Link the workflow's Slurm profile where Snakemake looks a bare ``--profile`` name up."""
+    source = a.source.resolve()
+    if not (source / "config.yaml").is_file():
+        raise DeoError(f"{source} holds no config.yaml; pass --source workflow/profiles/slurm")
+    dest = (a.dest or _default_profile_dest()).expanduser()
+    if dest.is_symlink() and dest.resolve() == source:
+        log.info("%s already links to %s", dest, source)
+        return
+    if dest.exists() or dest.is_symlink():
+        if not a.force:
+            raise DeoError(f"{dest} exists and is not a link to {source}; --force replaces it")
+        if dest.is_dir() and not dest.is_symlink():
+            import shutil
+
+            shutil.rmtree(dest)
+        else:
+            dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.symlink_to(source, target_is_directory=True)
+    log.info("linked %s -> %s: `snakemake --profile %s` now finds it", dest, source, dest.name)
+
+
+def _default_profile_dest() -> Path:
+    """Snakemake's user profile folder (``~/.config/snakemake`` on Linux, XDG respected)."""
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("snakemake", "snakemake")) / "slurm"
+
+
+def _plot(a: argparse.Namespace) -> None:
+    from deo.report import plots
+
+    if a.kind == "training":
+        runs = dict(item.split("=", 1) for item in a.inputs)
+        plots.training_curves({run: Path(path) for run, path in runs.items()}, a.out)
+    elif a.kind == "data":
+        plots.data_counts(Path(a.inputs[0]), a.out)
+    else:
+        plots.rule_runtimes([Path(p) for p in a.inputs], a.out)
+
+
+def _plot_features(a: argparse.Namespace) -> None:
+    from deo.report.features import feature_maps
+    from deo.train.config import parse_teacher
+
+    teacher = parse_teacher(json.loads(a.teacher))
+    feature_maps(a.checkpoint, teacher, a.store, a.table, a.out, n_samples=a.samples)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -248,10 +335,27 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("--store", "--table", "--out"):
         s.add_argument(name, type=Path, required=True)
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--nproc-per-node", type=int, default=1, help="local ranks (torchrun)")
+    s.add_argument("--gpus", type=int, default=0, help="GPUs of the whole job (Slurm's --gpus)")
+    s.add_argument("--nodes", type=int, default=1, help="nodes: one torchrun per node (Slurm)")
+    s.add_argument("--cpus-per-node", type=int, default=1, help="CPUs of each node's launcher")
+    s.add_argument("--nproc-per-node", type=int, help="ranks per node (default: one per GPU)")
     s.add_argument("--max-steps", type=int, help="stop after this many steps in all (tests)")
     s.add_argument("--final-checkpoint", type=Path, help="where the finished run's checkpoint goes")
     s.add_argument("--final-metrics", type=Path, help="per-step metrics of the finished run, CSV")
+    s.add_argument("--teacher-cache", type=Path, help="replay this cache (teacher.mode: cached)")
+
+    s = cmd("cache-teacher", _cache_teacher, "one part of the teacher-target cache (resumes)")
+    s.add_argument("--teacher", required=True, help="the teacher section (JSON)")
+    s.add_argument("--views", required=True, help="the global-view settings to cache (JSON)")
+    s.add_argument("--cache", required=True, help="K and teacher.cache (JSON)")
+    for name in ("--store", "--table", "--work", "--out"):
+        s.add_argument(name, type=Path, required=True)
+    s.add_argument("--part", type=int, required=True, help="this job's part, 0..shards-1")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    s = cmd("finalise-teacher-cache", _finalise_teacher_cache, "assemble the cache's parts")
+    s.add_argument("--parts", type=Path, nargs="+", required=True, help="the parts' records")
+    s.add_argument("--out", type=Path, required=True)
 
     s = cmd("export", _export, "write the student backbone (and torchgeo's Swin layout)")
     s.add_argument("--checkpoint", type=Path, required=True)
@@ -260,6 +364,23 @@ def _parser() -> argparse.ArgumentParser:
     s = cmd("tiny-teacher", _tiny_teacher, "write the tiny random-weight teacher of the demo")
     s.add_argument("--teacher", required=True, help="the teacher section (JSON)")
     s.add_argument("--out", type=Path, required=True)
+
+    s = cmd("plot", _plot, "a report figure from stage records")
+    s.add_argument("kind", choices=["training", "data", "runtimes"])
+    s.add_argument("inputs", nargs="+", help="training: RUN=metrics.csv …; data: counts.json; "
+                   "runtimes: benchmark .tsv files")
+    s.add_argument("--out", type=Path, required=True)
+
+    s = cmd("plot-features", _plot_features, "PCA-to-RGB maps of student and teacher features")
+    s.add_argument("--teacher", required=True, help="the teacher section (JSON)")
+    for name in ("--checkpoint", "--store", "--table", "--out"):
+        s.add_argument(name, type=Path, required=True)
+    s.add_argument("--samples", type=int, default=4)
+
+    s = cmd("install-profile", _install_profile, "make `snakemake --profile slurm` find ours")
+    s.add_argument("--source", type=Path, default=PROFILE, help="the profile folder to link")
+    s.add_argument("--dest", type=Path, help="default: Snakemake's user profiles folder/slurm")
+    s.add_argument("--force", action="store_true", help="replace what is at --dest")
 
     s = cmd("stats", _stats, "per-band mean/std over a split, into the store and a JSON")
     for name in ("--store", "--table", "--out"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ from deo.data.bands import BY_NAME, MS_BANDS
 from deo.errors import DataError
 
 log = logging.getLogger(__name__)
+
+# Snakemake marks a directory output with a .snakemake_timestamp file; zarr warns about any
+# foreign file in a group when it lists members. The marker is expected: don't warn about it.
+warnings.filterwarnings("ignore", message=r"Object at \.snakemake_timestamp is not recognized")
 
 RGB_CHANNELS: tuple[str, ...] = ("R", "G", "B")
 """Channel names of the ``rgb`` array, in array order (also the keys of their statistics)."""

@@ -4,8 +4,9 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from deo.config import digest
-from deo.train.config import run_config
+from deo.cache.spec import GlobalViews, split_teacher_section
+from deo.config import digest, to_dict
+from deo.train.config import parse_train, run_config
 from deo.workflow import prefer_beside_python
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
@@ -71,7 +72,9 @@ def pair_inputs(wildcards):
     return inputs
 
 
-TEACHER = config["teacher"]
+# The VFM's own keys (what TeacherConfig reads) apart from the caching ones (mode, views, cache),
+# so that caching settings neither change the teacher's identity nor rerun tiny_teacher.
+TEACHER, CACHING = split_teacher_section(config["teacher"])
 TINY_TEACHER = f"resources/teacher/tiny-{digest(TEACHER)}.safetensors"
 
 
@@ -109,7 +112,11 @@ def train_params(run):
 def train_work_dir(run):
     """Where a run's resumable state lives, keyed by its config (outside Snakemake's outputs)."""
     key = digest(
-        {"train": run_config(config["train"], run), "teacher": teacher_section()}
+        {
+            "train": run_config(config["train"], run),
+            "teacher": teacher_section(),
+            **cache_work_key(run),
+        }
     )
     return f"results/train/{run}/work-{key}"
 
@@ -122,11 +129,145 @@ def distill_inputs(wildcards):
     }
     if TEACHER["tiny"]:
         inputs["teacher"] = TINY_TEACHER
+    if wildcards.run in CACHE_OF_RUN:
+        inputs["teacher_cache"] = f"results/teacher/{CACHE_OF_RUN[wildcards.run]}.zarr"
     return inputs
+
+
+def teacher_cache_arg(wildcards, input):
+    """Training's --teacher-cache in cached mode, nothing online."""
+    if wildcards.run not in CACHE_OF_RUN:
+        return ""
+    return f"--teacher-cache {input.teacher_cache}"
+
+
+# ---- teacher cache (teacher.mode: cached) ------------------------------------------------
+# One cache per kind of teacher input ("variant": RGB from the partner or derived from MS, with
+# or without optical augmentation), shared by every run that draws its global views alike.
+
+
+def run_views(run):
+    """The global-view settings a run draws (its teacher's input), as the cache records them."""
+    return to_dict(
+        GlobalViews.from_train(parse_train(run_config(config["train"], run)))
+    )
+
+
+def cached_runs():
+    """The runs that read a cache: in cached mode, every run whose losses use the VFM."""
+    if CACHING["mode"] != "cached":
+        return []
+    train = config["train"]
+    return [r for r in train["runs"] if parse_train(run_config(train, r)).uses_vfm]
+
+
+def cache_variants():
+    """(variant -> global-view settings, run -> variant); runs sharing a variant must agree."""
+    variants, of_run = {}, {}
+    for run in cached_runs():
+        views = run_views(run)
+        name = f"{views['rgb']}-{'aug' if views['optical_aug'] else 'plain'}"
+        if variants.setdefault(name, views) != views:
+            other = next(r for r, v in of_run.items() if v == name)
+            diff = sorted(k for k in views if views[k] != variants[name][k])
+            raise WorkflowError(
+                f"train.runs {other!r} and {run!r} would share the teacher cache {name!r} but "
+                f"draw different global views ({', '.join(diff)}): give them the same "
+                "train crops, or set teacher.mode: online"
+            )
+        of_run[run] = name
+    return variants, of_run
+
+
+CACHE_VARIANTS, CACHE_OF_RUN = cache_variants()
+
+
+def cache_config():
+    """K and teacher.cache, as the cache jobs read them (CacheConfig)."""
+    return {"views": CACHING["views"], **CACHING["cache"]}
+
+
+def cache_params():
+    return json.dumps(cache_config(), sort_keys=True)
+
+
+def cache_views_params(variant):
+    """The variant's global-view settings: a change to them reruns its cache."""
+    return json.dumps(CACHE_VARIANTS[variant], sort_keys=True)
+
+
+def cache_work_dir(variant):
+    """Where a cache's resumable parts live until assembled, keyed by everything they hold."""
+    key = digest(
+        {
+            "teacher": teacher_section(),
+            "views": CACHE_VARIANTS[variant],
+            "cache": cache_config(),
+        }
+    )
+    return f"results/teacher/{variant}/work-{key}"
+
+
+def cache_work_key(run):
+    """What a cached run's resumable state also depends on (nothing for an online run)."""
+    if run not in CACHE_OF_RUN:
+        return {}
+    return {"teacher_cache": {"views": run_views(run), "cache": cache_config()}}
+
+
+def cache_part_ids():
+    return range(CACHING["cache"]["shards"])
+
+
+def cache_inputs(wildcards):
+    inputs = {
+        "store": "results/data/pretrain.zarr",
+        "table": "results/data/pretrain.parquet",
+        "stats": "results/data/stats.json",
+    }
+    inputs["weights"] = TINY_TEACHER if TEACHER["tiny"] else TEACHER["weights"]
+    return inputs
+
+
+RUNS = list(config["train"]["runs"])
+
+
+def feature_inputs(wildcards):
+    return {
+        "checkpoint": f"results/train/{wildcards.run}/checkpoint.pt",
+        "store": "results/data/pretrain.zarr",
+        "table": "results/data/pretrain.parquet",
+        **({"teacher": TINY_TEACHER} if TEACHER["tiny"] else {}),
+    }
+
+
+def runtime_records(wildcards):
+    """Every job's benchmark record, so the runtimes figure comes after all of them."""
+    shards = shard_ids()
+    data = [
+        "fetch_sentinel",
+        "verify_sentinel",
+        "select_scenes",
+        "extract",
+        "pair",
+        "merge",
+    ]
+    data += ["stats", *(f"harmonise_{s}" for s in shards)]
+    if DATA["mirror"]:
+        data.append("mirror")
+    if DATA["rgb"]["enabled"]:
+        data.append("fetch_rgb")
+    runs = [f"{rule}_{run}" for run in RUNS for rule in ("distill", "export")]
+    extra = ["tiny_teacher"] if TEACHER["tiny"] else []
+    return [f"results/benchmarks/{name}.tsv" for name in data + runs + extra]
 
 
 def all_targets():
     return [
         "results/data/counts.json",
-        *expand("results/train/{run}/export", run=config["train"]["runs"]),
+        *expand("results/train/{run}/export", run=RUNS),
+        "results/report/training.png",
+        "results/report/data_counts.png",
+        "results/report/runtimes.png",
+        *expand("results/report/features_{run}.png", run=RUNS),
     ]

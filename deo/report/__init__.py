@@ -1,0 +1,1 @@
+"""Figures and tables for ``snakemake --report``: what each stage did, rendered with matplotlib."""
