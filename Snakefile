@@ -14,6 +14,8 @@ report: "workflow/report/workflow.rst"
 wildcard_constraints:
     shard=r"\d+",
     run=r"[A-Za-z0-9_-]+",
+    model=r"[A-Za-z0-9_-]+",
+    seed=r"\d+",
     variant=r"(partner|derived)-(aug|plain)",
     part=r"\d+",
 
@@ -22,6 +24,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 

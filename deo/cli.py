@@ -254,6 +254,33 @@ def _plot_features(a: argparse.Namespace) -> None:
     feature_maps(a.checkpoint, teacher, a.store, a.table, a.out, n_samples=a.samples)
 
 
+def _demo_benchmarks(a: argparse.Namespace) -> None:
+    from deo.evaluation.stage import write_demo
+
+    write_demo(a.out, a.seed)
+
+
+def _prepare_benchmark(a: argparse.Namespace) -> None:
+    from deo.evaluation.stage import prepare
+
+    prepare(a.name, a.root, a.download, a.record)
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from deo.evaluation.stage import evaluate, parse_job
+
+    evaluate(parse_job(a.job), a.root, a.out)
+
+
+def _summarise(a: argparse.Namespace) -> None:
+    from deo.evaluation.stage import summarise_results
+
+    expected = [tuple(job) for job in json.loads(a.expected)]
+    summarise_results(
+        expected, a.results, a.paper, a.reference, a.out_csv, a.out_md, a.out_html, a.unavailable
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deo", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"deo {__version__}")
@@ -367,8 +394,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = cmd("plot", _plot, "a report figure from stage records")
     s.add_argument("kind", choices=["training", "data", "runtimes"])
-    s.add_argument("inputs", nargs="+", help="training: RUN=metrics.csv …; data: counts.json; "
-                   "runtimes: benchmark .tsv files")
+    s.add_argument(
+        "inputs",
+        nargs="+",
+        help="training: RUN=metrics.csv …; data: counts.json; runtimes: benchmark .tsv files",
+    )
     s.add_argument("--out", type=Path, required=True)
 
     s = cmd("plot-features", _plot_features, "PCA-to-RGB maps of student and teacher features")
@@ -381,6 +411,30 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--source", type=Path, default=PROFILE, help="the profile folder to link")
     s.add_argument("--dest", type=Path, help="default: Snakemake's user profiles folder/slurm")
     s.add_argument("--force", action="store_true", help="replace what is at --dest")
+
+    s = cmd("demo-benchmarks", _demo_benchmarks, "write the demo's benchmarks in real formats")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--seed", type=int, default=0)
+
+    s = cmd("prepare-benchmark", _prepare_benchmark, "download and ready one benchmark's data")
+    s.add_argument("--name", required=True)
+    s.add_argument("--root", type=Path, required=True, help="the benchmark's data folder")
+    s.add_argument("--download", action="store_true", help="fetch it when absent")
+    s.add_argument("--record", type=Path, required=True)
+
+    s = cmd("evaluate", _evaluate, "evaluate one model on one benchmark for one seed")
+    s.add_argument("--job", required=True, help="benchmark, model, seed, protocol (JSON)")
+    s.add_argument("--root", type=Path, required=True, help="the benchmark's data folder")
+    s.add_argument("--out", type=Path, required=True, help="results CSV")
+
+    s = cmd("summarise", _summarise, "join the results into one table beside the paper's")
+    s.add_argument("--expected", required=True, help="[[benchmark, model, seed], …] (JSON)")
+    s.add_argument("--results", type=Path, nargs="*", default=[])
+    s.add_argument("--paper", type=Path, required=True)
+    s.add_argument("--reference", required=True, help="our model compared with the paper's DEO")
+    s.add_argument("--unavailable", nargs="*", default=[], help="benchmarks without data")
+    for name in ("--out-csv", "--out-md", "--out-html"):
+        s.add_argument(name, type=Path, required=True)
 
     s = cmd("stats", _stats, "per-band mean/std over a split, into the store and a JSON")
     for name in ("--store", "--table", "--out"):

@@ -128,6 +128,24 @@ def test_training_ran_and_exported(workdir: Path) -> None:
     assert (workdir / "results/benchmarks/distill_deo.tsv").is_file()
 
 
+RESULT_COLUMNS = ["benchmark", "task", "metric", "value", "split", "seed", "model"]
+
+
+def test_evaluation_table_compares_trained_and_random(workdir: Path) -> None:
+    cfg = yaml.safe_load((workdir / "config/config.yaml").read_text())["evaluate"]
+    for benchmark in cfg["benchmarks"]:
+        for model in ("deo", "random"):
+            csv = workdir / f"results/evaluate/{benchmark}/{model}/seed0.csv"
+            rows = pd.read_csv(csv)
+            assert list(rows.columns[:8]) == [*RESULT_COLUMNS, "checkpoint_digest"]
+            test = rows[rows["split"] == "test"]
+            assert len(test) and test["value"].between(0, 100).all()
+    summary = pd.read_csv(workdir / "results/summary.csv")
+    assert set(cfg["benchmarks"]) <= set(summary["benchmark"])
+    assert {"deo", "random"} <= set(summary.columns)
+    assert "|" in (workdir / "results/summary.md").read_text()
+
+
 def test_nothing_reruns_without_a_change(workdir: Path) -> None:
     assert jobs_of_dry_run(workdir) == set()
 
@@ -154,7 +172,8 @@ def test_a_selection_key_reruns_from_select(workdir: Path) -> None:
 def test_a_train_key_reruns_training_only(workdir: Path) -> None:
     name = variant(workdir, "epochs.yaml", lambda c: c["train"]["defaults"].update(epochs=5))
     jobs = jobs_of_dry_run(workdir, "--configfile", name)
-    assert {"distill", "export", "all"} <= jobs <= {"distill", "export", "all", *REPORTS}
+    downstream = {"distill", "export", "all", "evaluate", "summarise", *REPORTS}
+    assert {"distill", "export", "all"} <= jobs <= downstream
 
 
 def test_config_errors_fail_before_any_job(workdir: Path) -> None:
@@ -167,6 +186,50 @@ def test_config_errors_fail_before_any_job(workdir: Path) -> None:
     done = snakemake(workdir, "-n", "--configfile", weights, check=False)
     text = done.stdout + done.stderr
     assert done.returncode != 0 and "nope.pth" in text and "licence" in text
+
+
+def test_cached_mode_reruns_its_cache_on_teacher_and_crop_keys_only(workdir: Path) -> None:
+    def cached(name: str, change=None) -> str:
+        def edit(cfg: dict) -> None:
+            cfg["teacher"]["mode"] = "cached"
+            if change:
+                change(cfg)
+
+        return variant(workdir, name, edit)
+
+    base = cached("cached.yaml")
+    snakemake(workdir, "--configfile", base, "--until", "finalise_teacher_cache")
+    assert (workdir / "results/teacher/partner-aug.zarr/zarr.json").is_file()
+    cache_jobs = {"cache_teacher", "finalise_teacher_cache"}
+    epochs = cached("cached-epochs.yaml", lambda c: c["train"]["defaults"].update(epochs=5))
+    jobs = jobs_of_dry_run(workdir, "--configfile", epochs)
+    assert "distill" in jobs and not jobs & (cache_jobs | {"tiny_teacher"}), jobs
+    changes = {
+        "k.yaml": lambda c: c["teacher"].update(views=2),
+        "scale.yaml": lambda c: c["train"]["defaults"]["crops"].update(global_scale=[0.5, 1.0]),
+        "layer.yaml": lambda c: c["teacher"].update(mid_layer=1),
+        "weights.yaml": lambda c: c["teacher"].update(seed=1),  # the tiny teacher's weights
+    }
+    for name, change in changes.items():
+        jobs = jobs_of_dry_run(workdir, "--configfile", cached(name, change))
+        assert cache_jobs | {"distill"} <= jobs, (name, jobs)
+        # caching keys (here K) are not the teacher's identity: its weights file stays
+        assert ("tiny_teacher" in jobs) == (name in ("layer.yaml", "weights.yaml")), name
+
+
+def test_missing_benchmark_fails_its_jobs_and_is_marked_missing(workdir: Path) -> None:
+    def add_eurosat(c: dict) -> None:
+        c["evaluate"]["benchmarks"].append("m-eurosat")
+        c["evaluate"]["models"]["random"] = False
+
+    name = variant(workdir, "missing.yaml", add_eurosat)
+    done = snakemake(workdir, "--configfile", name, "--keep-going", check=False)
+    assert done.returncode != 0
+    log = (workdir / "logs/evaluate/prepare_m-eurosat.log").read_text()
+    assert "download=True" in log, log[-2000:]
+    summary = pd.read_csv(workdir / "results/summary.csv")
+    row = summary[summary["benchmark"] == "m-eurosat"]
+    assert len(row) and (row["deo"] == "missing").all()
 
 
 def test_reject_bound_fails_merge_naming_the_worst(workdir: Path) -> None:

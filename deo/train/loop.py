@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from deo.cache.reader import CachedTargets
+from deo.cache.spec import GlobalViews
 from deo.config import digest, to_dict
 from deo.data.augment import MultiCrop
 from deo.data.loader import PretrainDataset, make_loader
@@ -119,11 +121,26 @@ def train(
     device: str = "auto",
     max_steps: int | None = None,
     progress: bool = True,
+    teacher_cache: Path | None = None,
 ) -> Path:
-    """Train (or resume) one run; returns the checkpoint path. ``max_steps`` ends early (tests)."""
+    """Train (or resume) one run; returns the checkpoint path. ``max_steps`` ends early (tests).
+
+    With ``teacher_cache`` (``teacher.mode: cached``) the VFM targets of the global views come
+    from that cache, whose views are replayed; without it the VFM runs online (the paper's way).
+    """
     ctx = init_distributed(device)
     try:
-        return _train(cfg, teacher_cfg, store, table, RunPaths(out_dir), ctx, max_steps, progress)
+        return _train(
+            cfg,
+            teacher_cfg,
+            store,
+            table,
+            RunPaths(out_dir),
+            ctx,
+            max_steps,
+            progress,
+            teacher_cache,
+        )
     finally:
         shutdown()
 
@@ -137,10 +154,17 @@ def _train(
     ctx: DistContext,
     max_steps: int | None,
     progress: bool,
+    teacher_cache: Path | None,
 ) -> Path:
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"train.batch_size {cfg.batch_size} must divide by {ctx.world_size} ranks")
     resolved = {"train": to_dict(cfg), "teacher": to_dict(teacher_cfg)}
+    cache = None
+    if teacher_cache is not None:
+        if not cfg.uses_vfm:
+            raise ValueError("a teacher cache was given, but this run's losses use no VFM")
+        cache = CachedTargets(teacher_cache)
+        resolved["teacher_cache"] = cache.meta  # resuming with another cache is refused
     config_digest = digest(resolved)
     if ctx.is_main:
         paths.root.mkdir(parents=True, exist_ok=True)
@@ -181,9 +205,15 @@ def _train(
         rgb_scale=cfg.crops.rgb_scale,
     )
 
-    vfm = VFMTeacher(teacher_cfg).to(ctx.device) if cfg.uses_vfm else None
+    if cache is None:
+        vfm = VFMTeacher(teacher_cfg).to(ctx.device) if cfg.uses_vfm else None
+        vfm_dim, vfm_digest = None, vfm.weights_digest() if vfm is not None else None
+    else:
+        views = GlobalViews.of(multicrop, with_rgb=cfg.ablation.hr_optical)
+        vfm, vfm_dim = None, cache.verify_run(teacher_cfg, store, table, views)
+        vfm_digest = cache.meta["teacher"]["weights_digest"]
     torch.manual_seed(cfg.seed)  # the same initial student (and so EMA teacher) on every rank
-    model = DualTeacherDistillation(cfg, vfm).to(ctx.device)
+    model = DualTeacherDistillation(cfg, vfm, vfm_dim=vfm_dim).to(ctx.device)
     torch.manual_seed(cfg.seed + ctx.rank)  # then each rank its own stochastic depth
     random.seed(cfg.seed + ctx.rank)
     student: nn.Module = model.student
@@ -233,7 +263,7 @@ def _train(
                     "rank_checksums": checksums,
                     "config_digest": config_digest,
                     "config": json.dumps(resolved, sort_keys=True),
-                    "vfm_digest": vfm.weights_digest() if vfm is not None else None,
+                    "vfm_digest": vfm_digest,
                 },
             )
 
@@ -261,6 +291,7 @@ def _train(
                         frozen,
                         cfg,
                         ctx,
+                        cache,
                     )
                     step += 1
                     if ctx.is_main:
@@ -295,6 +326,7 @@ def _step(
     frozen: list[nn.Parameter],
     cfg: TrainConfig,
     ctx: DistContext,
+    cache: CachedTargets | None = None,
 ) -> dict[str, torch.Tensor]:
     values = schedules.at(step)
     for group in optimizer.param_groups:
@@ -302,9 +334,14 @@ def _step(
         group["weight_decay"] = values["wd"] if group["apply_wd"] else 0.0
     ms = batch["s2"].to(ctx.device, non_blocking=True)
     rgb = batch["rgb"].to(ctx.device, non_blocking=True) if "rgb" in batch else None
-    views = multicrop(ms, rgb, generator)
+    targets = None
+    if cache is None:
+        views = multicrop(ms, rgb, generator)
+    else:  # two of the K cached global views, replayed exactly; local views stay fresh
+        global_params, targets = cache.draw(batch["index"], generator, ctx.device)
+        views = multicrop(ms, rgb, generator, global_params=global_params)
     with autocast:
-        terms = model(views, student, world_size=ctx.world_size)
+        terms = model(views, student, targets=targets, world_size=ctx.world_size)
     loss = terms["loss"]
     if not torch.isfinite(loss):
         parts = {k: float(v.detach()) for k, v in terms.items()}

@@ -102,13 +102,18 @@ class EmaTeacher(nn.Module):
 class DualTeacherDistillation(nn.Module):
     """Student, EMA teacher and frozen VFM teacher; ``forward`` returns named loss terms."""
 
-    def __init__(self, cfg: TrainConfig, vfm: VFMTeacher | None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, vfm: VFMTeacher | None, vfm_dim: int | None = None
+    ) -> None:
+        """``vfm_dim`` without ``vfm``: the VFM's targets will be passed to ``forward`` (cached
+        mode), so only their width is needed here."""
         super().__init__()
-        if cfg.uses_vfm and vfm is None:
-            raise ValueError("the configured losses need a VFM teacher")
+        if cfg.uses_vfm and vfm is None and vfm_dim is None:
+            raise ValueError("the configured losses need a VFM teacher (or its targets' width)")
         self.cfg = cfg
         self.weights = cfg.effective_loss
-        self.student = StudentWithHeads(cfg, vfm.embed_dim if cfg.uses_vfm else None)
+        dim = vfm.embed_dim if vfm is not None else vfm_dim
+        self.student = StudentWithHeads(cfg, dim if cfg.uses_vfm else None)
         self.teacher = EmaTeacher(self.student, cfg)
         # The VFM is frozen and restored from its own weights file: kept out of state_dict.
         self._vfm = [vfm if cfg.uses_vfm else None]
@@ -136,6 +141,8 @@ class DualTeacherDistillation(nn.Module):
         global_rgb = torch.cat(views.global_rgb)
         if self.vfm is not None and targets is None:
             targets = self.vfm_targets(views.global_rgb)
+        elif self.cfg.uses_vfm and targets is None:
+            raise ValueError("no VFM teacher here: pass its targets (teacher.mode: cached)")
         grid = targets[0].grid if targets else None
         out = student(global_ms, local_ms, global_rgb, grid)
         teacher_ms = self.teacher(global_ms)

@@ -262,6 +262,103 @@ def runtime_records(wildcards):
     return [f"results/benchmarks/{name}.tsv" for name in data + runs + extra]
 
 
+EVAL = config["evaluate"]
+DEMO_BENCHMARKS = f"{EVAL['root']}/demo-{EVAL['demo_seed']}"
+
+
+def benchmark_root(name):
+    """A benchmark's own data folder; the demo's are written by the pipeline."""
+    if name.startswith("demo-"):
+        return f"{DEMO_BENCHMARKS}/{name}"
+    return f"{EVAL['root']}/{name}"
+
+
+def demo_input(wildcards):
+    return [DEMO_BENCHMARKS] if wildcards.benchmark.startswith("demo-") else []
+
+
+def model_specs():
+    """Every compared encoder by name: trained runs' exports, the floor, external files."""
+    trained = EVAL["models"]["trained"]
+    unknown = sorted(set(trained) - set(RUNS))
+    if unknown:
+        raise WorkflowError(
+            f"evaluate.models.trained: {unknown} are not in train.runs {RUNS}"
+        )
+    models = {
+        run: {"kind": "student", "path": f"results/train/{run}/export"}
+        for run in trained
+    }
+    if EVAL["models"]["random"]:
+        if not RUNS:
+            raise WorkflowError(
+                "evaluate.models.random needs a train run to copy the shape of"
+            )
+        models["random"] = {"kind": "random", "path": f"results/train/{RUNS[0]}/export"}
+    for name, external in EVAL["models"]["external"].items():
+        if not Path(external["path"]).is_file():
+            raise WorkflowError(
+                f"evaluate.models.external.{name}: {external['path']} not found"
+            )
+        models[name] = {"kind": "torchvision", **external}
+    return models
+
+
+MODELS = model_specs()
+
+
+def expected_jobs():
+    return [
+        [b, m, s] for b in EVAL["benchmarks"] for m in MODELS for s in EVAL["seeds"]
+    ]
+
+
+def evaluate_inputs(wildcards):
+    model = MODELS[wildcards.model]
+    inputs = {"prepared": f"results/evaluate/{wildcards.benchmark}/prepared.json"}
+    if model["kind"] != "torchvision":
+        inputs["model"] = model["path"]
+    return inputs
+
+
+def evaluate_job(wildcards):
+    """The job's full description as JSON: a change to the protocol reruns the job."""
+    model = dict(MODELS[wildcards.model])
+    if model["kind"] != "torchvision":
+        model["path"] = f"{model['path']}/backbone.safetensors"
+    job = {
+        "benchmark": wildcards.benchmark,
+        "model": wildcards.model,
+        "spec": model,
+        "seed": int(wildcards.seed),
+        "partition": EVAL["partition"],
+        "protocol": EVAL.get("protocol", {}),
+    }
+    return json.dumps(job, sort_keys=True)
+
+
+def benchmark_available(name):
+    """Demo benchmarks are written and real ones fetched by the DAG, or already on disk."""
+    return (
+        name.startswith("demo-")
+        or EVAL["download"]
+        or Path(benchmark_root(name)).exists()
+    )
+
+
+def unavailable_benchmarks():
+    return [b for b in EVAL["benchmarks"] if not benchmark_available(b)]
+
+
+def available_results(wildcards):
+    """Results the summary waits for; jobs of unavailable benchmarks are marked missing."""
+    return [
+        f"results/evaluate/{b}/{m}/seed{s}.csv"
+        for b, m, s in expected_jobs()
+        if benchmark_available(b)
+    ]
+
+
 def all_targets():
     return [
         "results/data/counts.json",
@@ -270,4 +367,6 @@ def all_targets():
         "results/report/data_counts.png",
         "results/report/runtimes.png",
         *expand("results/report/features_{run}.png", run=RUNS),
+        "results/summary.csv",
+        *[f"results/evaluate/{b}/{m}/seed{s}.csv" for b, m, s in expected_jobs()],
     ]

@@ -32,16 +32,19 @@ rule distill:
         ENV
     threads: 2
     resources:
-        gpu=0,
+        gpu=0,  # GPUs of the whole job; one rank per GPU, one process on CPU
+        nodes=1,  # > 1: one torchrun per node, via srun (see the Slurm profile)
         runtime=60,
     params:
         train=lambda wildcards: train_params(wildcards.run),
         teacher=teacher_params(),
         work=lambda wildcards: train_work_dir(wildcards.run),
+        cache=teacher_cache_arg,
     shell:
         "deo train --train {params.train:q} --teacher {params.teacher:q}"
-        " --store {input.store} --table {input.table} --out {params.work}"
-        " --nproc-per-node {resources.gpu} --final-checkpoint {output.checkpoint}"
+        " --store {input.store} --table {input.table} --out {params.work} {params.cache}"
+        " --gpus {resources.gpu} --nodes {resources.nodes} --cpus-per-node {threads}"
+        " --final-checkpoint {output.checkpoint}"
         " --final-metrics {output.metrics} 2> {log}"
 
 
