@@ -68,12 +68,24 @@ def _destination(member: tarfile.TarInfo, dest: Path, strip_components: int) -> 
         return "device or fifo refused"
     if not member.isreg():
         return f"unsupported member type {member.type!r}"
-    path = PurePosixPath(member.name)
-    if path.is_absolute():
+    return safe_target(member.name, dest, strip_components)
+
+
+def safe_target(
+    name: str, dest: Path, strip_components: int = 0, flatten: bool = False
+) -> Path | str:
+    """Where an archive member named ``name`` goes under ``dest`` (resolved), or why not.
+
+    Shared by every extractor (tar here, zip for the benchmarks): absolute paths (also with a
+    drive letter or backslashes), ``..`` components and anything that resolves outside
+    ``dest`` through an existing symlink are refused.
+    """
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or (path.parts and path.parts[0].endswith(":")):
         return "absolute path refused"
     if ".." in path.parts:
         return "'..' path component refused"
-    parts = path.parts[strip_components:]
+    parts = (path.name,) if flatten else path.parts[strip_components:]
     if not parts:
         return f"fewer than {strip_components + 1} path components"
     target = dest.joinpath(*parts)
@@ -82,11 +94,9 @@ def _destination(member: tarfile.TarInfo, dest: Path, strip_components: int) -> 
     return target
 
 
-def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
-    """Stream one member into ``<target>.part`` and rename it, so ``target`` is never partial."""
+def copy_atomic(source: IO[bytes], target: Path) -> None:
+    """Stream ``source`` into ``<target>.part`` and rename it, so ``target`` is never partial."""
     part = target.with_name(target.name + ".part")
-    source = tar.extractfile(member)
-    assert source is not None, "extractfile returns data for every regular file"
     try:
         with source, part.open("wb") as out:
             shutil.copyfileobj(source, out, _COPY_BLOCK)
@@ -118,7 +128,9 @@ def _extract_member(
         log.warning("skipping tar member %r: %s", member.name, exc)
         report.skipped.append((member.name, f"cannot create folder: {exc}"))
         return
-    _write_member(tar, member, target)
+    source = tar.extractfile(member)
+    assert source is not None, "extractfile returns data for every regular file"
+    copy_atomic(source, target)
     report.extracted.append(member.name)
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from deo.data.extract import ExtractReport
+from deo.data.extract import ExtractReport, copy_atomic, safe_target
 from deo.data.fetch import FetchItem, fetch_all, require_ok
 from deo.errors import DataError
 
@@ -44,28 +43,7 @@ def _zip_destination(info: zipfile.ZipInfo, dest: Path, flatten: bool) -> Path |
         return "device, fifo or other special file refused"
     if info.flag_bits & 0x1:
         return "encrypted member refused"
-    path = PurePosixPath(info.filename.replace("\\", "/"))
-    if path.is_absolute() or (path.parts and path.parts[0].endswith(":")):
-        return "absolute path refused"
-    if ".." in path.parts:
-        return "'..' path component refused"
-    parts = (path.name,) if flatten else path.parts
-    target = dest.joinpath(*parts)
-    if not Path(os.path.realpath(target)).is_relative_to(dest):
-        return "resolves outside the destination"
-    return target
-
-
-def _write_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> None:
-    """Stream one member into ``<target>.part`` and rename it, so ``target`` is never partial."""
-    part = target.with_name(target.name + ".part")
-    try:
-        with archive.open(info) as source, part.open("wb") as out:
-            shutil.copyfileobj(source, out, _COPY_BLOCK)
-        os.replace(part, target)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
+    return safe_target(info.filename, dest, flatten=flatten)
 
 
 def extract_zip(
@@ -99,7 +77,7 @@ def extract_zip(
                     continue
                 if not (target.is_file() and target.stat().st_size == info.file_size):
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    _write_member(zf, info, target)
+                    copy_atomic(zf.open(info), target)
                 report.extracted.append(info.filename)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise DataError(archive, f"corrupt or truncated zip archive: {exc}") from exc
