@@ -26,8 +26,8 @@ from deo.errors import DeoError
 NODE_STEP = "DEO_NODE_LAUNCHER"
 """Set on the per-node ``srun`` step, so a node's launcher does not ``srun`` again."""
 
-PORT_BASE, PORT_SPAN = 20000, 20000
-"""Rendezvous ports ``PORT_BASE + job id % PORT_SPAN``: clear of ephemeral ports on Linux."""
+PORT_BASE, PORT_SPAN = 20000, 12000
+"""Rendezvous ports ``PORT_BASE + job id % PORT_SPAN``: below Linux's ephemeral range (32768+)."""
 
 
 class LaunchError(DeoError):
