@@ -243,7 +243,13 @@ def _plot(a: argparse.Namespace) -> None:
     elif a.kind == "data":
         plots.data_counts(Path(a.inputs[0]), a.out)
     else:
-        plots.rule_runtimes([Path(p) for p in a.inputs], a.out)
+        by_rule: dict[str, list[Path]] = {}
+        for item in a.inputs:
+            rule, sep, path = item.partition("=")
+            if not sep:
+                raise SystemExit(f"deo plot runtimes: {item!r} is not RULE=benchmark.tsv")
+            by_rule.setdefault(rule, []).append(Path(path))
+        plots.rule_runtimes(by_rule, a.out)
 
 
 def _plot_features(a: argparse.Namespace) -> None:
@@ -397,7 +403,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "inputs",
         nargs="+",
-        help="training: RUN=metrics.csv …; data: counts.json; runtimes: benchmark .tsv files",
+        help="training: RUN=metrics.csv …; data: counts.json; runtimes: RULE=benchmark.tsv …",
     )
     s.add_argument("--out", type=Path, required=True)
 

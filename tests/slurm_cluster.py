@@ -114,8 +114,16 @@ class SlurmCluster:
             parts.append(f"== {log.name}\n" + "\n".join(log.read_text().splitlines()[-30:]))
         return "\n".join(parts)
 
+    def cancel_all(self, wait_s: float = 30.0) -> None:
+        """Cancel every job of this cluster and wait for them to leave the nodes."""
+        jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+        if jobs:
+            self.run("scancel", *jobs, check=False)
+            _wait(lambda: not self.run("squeue", "-h", "-t", "R,CG", check=False).stdout, wait_s)
+
     def stop(self) -> None:
-        """Shut the daemons this cluster started down (by their pids), munged last."""
+        """Cancel its jobs (slurmd's shutdown would orphan them), then end its daemons."""
+        self.cancel_all()
         self.run("scontrol", "shutdown", check=False)
         for pid in reversed(self.pids):
             _terminate(pid)

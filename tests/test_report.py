@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
 from deo.report.features import pca_rgb
-from deo.report.plots import data_counts, rule_runtimes, training_curves
+from deo.report.plots import data_counts, rule_runtimes, runtime_table, training_curves
 
 
 def test_pca_rgb_follows_the_principal_axes() -> None:
@@ -45,7 +46,31 @@ def test_plots_write_images(tmp_path: Path) -> None:
     data_counts(tmp_path / "c.json", tmp_path / "c.png")
     (tmp_path / "a.tsv").write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t100.0\n")
     (tmp_path / "b.tsv").write_text("s\th:m:s\tmax_rss\n0.5\t0:00:00\tNA\n")
-    rule_runtimes([tmp_path / "a.tsv", tmp_path / "b.tsv"], tmp_path / "r.png")
+    rule_runtimes({"a": [tmp_path / "a.tsv"], "b": [tmp_path / "b.tsv"]}, tmp_path / "r.png")
     for name in ("t", "c", "r"):
         with Image.open(tmp_path / f"{name}.png") as image:
             assert image.size[0] > 500 and np.asarray(image).std() > 0
+
+
+def test_runtimes_are_summed_per_rule(tmp_path: Path) -> None:
+    header = "s\th:m:s\tmax_rss\tmax_vms\n"
+    records = {"h0": (2.0, "120.5"), "h1": (3.5, "NA"), "h2": (1.0, "80.0"), "m": (4.0, "NA")}
+    for name, (seconds, rss) in records.items():
+        (tmp_path / f"{name}.tsv").write_text(
+            f"{header}{seconds}\t0:00:0{int(seconds)}\t{rss}\t1\n"
+        )
+    # a record holding several repeats (benchmark: repeat()) counts their mean
+    (tmp_path / "r.tsv").write_text(f"{header}1.0\t0:00:01\t10\t1\n3.0\t0:00:03\t30\t1\n")
+    jobs = {
+        "harmonise": [tmp_path / f"h{i}.tsv" for i in range(3)],
+        "merge": [tmp_path / "m.tsv"],
+        "repeat": [tmp_path / "r.tsv"],
+    }
+    table = runtime_table(jobs).set_index("rule")
+    assert table.loc["harmonise", "jobs"] == 3
+    assert table.loc["harmonise", "s"] == pytest.approx(2.0 + 3.5 + 1.0)
+    assert table.loc["harmonise", "longest"] == pytest.approx(3.5)
+    assert table.loc["harmonise", "max_rss"] == pytest.approx(120.5)
+    assert np.isnan(table.loc["merge", "max_rss"]) and table.loc["merge", "s"] == 4.0
+    assert table.loc["repeat", "s"] == pytest.approx(2.0) and table.loc["repeat", "max_rss"] == 30
+    assert list(table.index) == ["repeat", "merge", "harmonise"]  # ascending total time

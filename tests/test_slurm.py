@@ -19,6 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clusters]:
     """The cluster, stopped at the end even when the session is ended by SIGTERM (`timeout`)."""
 
     def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the teardown
         raise KeyboardInterrupt(f"signal {signum}")  # pytest then runs the teardowns
 
     held = Clusters(tmp_path_factory.mktemp("slurm"))
@@ -117,17 +119,36 @@ def snakemake_cmd(cluster: SlurmCluster, *args: str) -> list[str]:
     ]
 
 
+@contextmanager
+def snakemake_run(
+    cmd: list[str], workdir: Path, env: dict[str, str], log: Path, cluster: SlurmCluster
+) -> Iterator[subprocess.Popen]:
+    """Snakemake running in the background; however the block ends, nothing is left running."""
+    with log.open("w") as out:  # a file, not a pipe: nobody has to drain it while we poll
+        proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group, to kill it with its children
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            cluster.cancel_all()
+
+
 def finish(proc: subprocess.Popen, cluster: SlurmCluster, log: Path) -> str:
-    """The run's output once it ends; past the timeout it and its jobs are killed."""
+    """The run's output once it ends; failing past the timeout or on a non-zero exit."""
     try:
         proc.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"snakemake ran past {TIMEOUT_S} s:\n{tail(log)}\n{cluster.logs()}")
-    finally:
-        if proc.poll() is None:  # timed out or interrupted: leave nothing running
-            os.killpg(proc.pid, signal.SIGKILL)
-            cluster.run("scancel", "--user", "root", check=False)
-            proc.wait()
     if proc.returncode != 0:
         pytest.fail(f"snakemake failed ({proc.returncode}):\n{tail(log)}")
     return log.read_text()
@@ -135,19 +156,6 @@ def finish(proc: subprocess.Popen, cluster: SlurmCluster, log: Path) -> str:
 
 def tail(log: Path, chars: int = 6000) -> str:
     return log.read_text()[-chars:] if log.is_file() else ""
-
-
-def popen(cmd: list[str], workdir: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:  # a file, not a pipe: nobody has to drain it while we poll
-        return subprocess.Popen(
-            cmd,
-            cwd=workdir,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # so a timeout can kill it with its children
-        )
 
 
 def metrics(workdir: Path) -> pd.DataFrame:
@@ -198,16 +206,15 @@ def dag(clusters: Clusters, tmp_path_factory: pytest.TempPathFactory) -> Dag:
     local, on_slurm = copy_workflow(base / "local"), copy_workflow(base / "slurm")
     local_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     t0 = time.monotonic()
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2"]
-    local_log = finish(
-        popen(cmd, local, local_env, base / "local.log"), cluster, base / "local.log"
-    )
+    cmd, log = [sys.executable, "-m", "snakemake", "--cores", "2"], base / "local.log"
+    with snakemake_run(cmd, local, local_env, log, cluster) as proc:
+        local_log = finish(proc, cluster, log)
     local_seconds = time.monotonic() - t0
 
-    t0 = time.monotonic()
-    proc = popen(snakemake_cmd(cluster), on_slurm, slurm_env(cluster), base / "slurm.log")
-    signalled = signal_training_mid_run(cluster, on_slurm, proc)
-    slurm_log = finish(proc, cluster, base / "slurm.log")
+    t0, log = time.monotonic(), base / "slurm.log"
+    with snakemake_run(snakemake_cmd(cluster), on_slurm, slurm_env(cluster), log, cluster) as proc:
+        signalled = signal_training_mid_run(cluster, on_slurm, proc)
+        slurm_log = finish(proc, cluster, log)
     seconds = time.monotonic() - t0
     return Dag(local, on_slurm, local_log, slurm_log, signalled, seconds, local_seconds)
 
@@ -280,7 +287,8 @@ def test_two_nodes_train_with_one_torchrun_per_node(dag: Dag, clusters: Clusters
     cmd = snakemake_cmd(cluster, "--forcerun", "distill", "--until", "distill", "--verbose")
     env = slurm_env(cluster, DEO_SLURM_TRAIN_NODES="2")
     log = dag.slurm.parent / "two-nodes.log"
-    out = finish(popen(cmd, dag.slurm, env, log), cluster, log)
+    with snakemake_run(cmd, dag.slurm, env, log, cluster) as proc:
+        out = finish(proc, cluster, log)
 
     sbatch = [
         line for line in out.splitlines() if "sbatch call:" in line and "rule_distill" in line

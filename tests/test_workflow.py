@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,21 @@ def test_evaluation_table_compares_trained_and_random(workdir: Path) -> None:
     assert set(cfg["benchmarks"]) <= set(summary["benchmark"])
     assert {"deo", "random"} <= set(summary.columns)
     assert "|" in (workdir / "results/summary.md").read_text()
+
+
+def test_report_holds_every_figure_with_its_caption(workdir: Path, tmp_path: Path) -> None:
+    snakemake(workdir, "--report", str(tmp_path / "report.zip"))
+    with zipfile.ZipFile(tmp_path / "report.zip") as archive:
+        names = {Path(n).name for n in archive.namelist()}
+        html = archive.read("report/report.html").decode()
+    figures = ["training.png", "data_counts.png", "runtimes.png", "features_deo.png"]
+    assert set(figures) | {"summary.html", "metrics.csv", "rejects.csv"} <= names
+    for caption in (ROOT / "workflow/report").glob("*.rst"):
+        opening = " ".join(caption.read_text().split()[:4])
+        assert opening in html, caption.name
+    assert "Patch features of run deo" in html  # the wildcard rendered into its caption
+    snakemake(workdir, "--report", str(tmp_path / "report.html"))
+    assert (tmp_path / "report.html").stat().st_size > 100_000  # figures embedded
 
 
 def test_nothing_reruns_without_a_change(workdir: Path) -> None:

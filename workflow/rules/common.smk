@@ -241,27 +241,6 @@ def feature_inputs(wildcards):
     }
 
 
-def runtime_records(wildcards):
-    """Every job's benchmark record, so the runtimes figure comes after all of them."""
-    shards = shard_ids()
-    data = [
-        "fetch_sentinel",
-        "verify_sentinel",
-        "select_scenes",
-        "extract",
-        "pair",
-        "merge",
-    ]
-    data += ["stats", *(f"harmonise_{s}" for s in shards)]
-    if DATA["mirror"]:
-        data.append("mirror")
-    if DATA["rgb"]["enabled"]:
-        data.append("fetch_rgb")
-    runs = [f"{rule}_{run}" for run in RUNS for rule in ("distill", "export")]
-    extra = ["tiny_teacher"] if TEACHER["tiny"] else []
-    return [f"results/benchmarks/{name}.tsv" for name in data + runs + extra]
-
-
 EVAL = config["evaluate"]
 DEMO_BENCHMARKS = f"{EVAL['root']}/demo-{EVAL['demo_seed']}"
 
@@ -357,6 +336,39 @@ def available_results(wildcards):
         for b, m, s in expected_jobs()
         if benchmark_available(b)
     ]
+
+
+def runtime_jobs():
+    """(rule, benchmark record) of every job but the plots, so the figure comes last."""
+    data = ["fetch_sentinel", "verify_sentinel", "select_scenes", "extract", "pair"]
+    data += ["merge", "stats", *(["mirror"] if DATA["mirror"] else [])]
+    data += ["fetch_rgb"] if DATA["rgb"]["enabled"] else []
+    jobs = [(rule, rule) for rule in data]
+    jobs += [("harmonise", f"harmonise_{s}") for s in shard_ids()]
+    jobs += [("tiny_teacher", "tiny_teacher")] if TEACHER["tiny"] else []
+    for variant in CACHE_VARIANTS:
+        jobs += [("cache_teacher", f"cache_teacher_{variant}_{p}") for p in cache_part_ids()]
+        jobs.append(("finalise_teacher_cache", f"finalise_teacher_cache_{variant}"))
+    jobs += [(rule, f"{rule}_{run}") for run in RUNS for rule in ("distill", "export")]
+    available = [b for b in EVAL["benchmarks"] if benchmark_available(b)]
+    if any(b.startswith("demo-") for b in available):
+        jobs.append(("demo_benchmarks", "demo_benchmarks"))
+    jobs += [("prepare_benchmark", f"prepare_{b}") for b in available]
+    jobs += [
+        ("evaluate", f"evaluate_{b}_{m}_seed{s}")
+        for b, m, s in expected_jobs()
+        if benchmark_available(b)
+    ]
+    jobs.append(("summarise", "summarise"))
+    return [(rule, f"results/benchmarks/{name}.tsv") for rule, name in jobs]
+
+
+def runtime_records(wildcards):
+    return [path for _, path in runtime_jobs()]
+
+
+def runtime_args():
+    return [f"{rule}={path}" for rule, path in runtime_jobs()]
 
 
 def all_targets():

@@ -68,5 +68,7 @@ rule plot_runtimes:
         "logs/report/plot_runtimes.log",
     conda:
         ENV
+    params:
+        jobs=runtime_args(),
     shell:
-        "deo plot runtimes {input} --out {output} 2> {log}"
+        "deo plot runtimes {params.jobs} --out {output} 2> {log}"
