@@ -347,7 +347,9 @@ def runtime_jobs():
     jobs += [("harmonise", f"harmonise_{s}") for s in shard_ids()]
     jobs += [("tiny_teacher", "tiny_teacher")] if TEACHER["tiny"] else []
     for variant in CACHE_VARIANTS:
-        jobs += [("cache_teacher", f"cache_teacher_{variant}_{p}") for p in cache_part_ids()]
+        jobs += [
+            ("cache_teacher", f"cache_teacher_{variant}_{p}") for p in cache_part_ids()
+        ]
         jobs.append(("finalise_teacher_cache", f"finalise_teacher_cache_{variant}"))
     jobs += [(rule, f"{rule}_{run}") for run in RUNS for rule in ("distill", "export")]
     available = [b for b in EVAL["benchmarks"] if benchmark_available(b)]
