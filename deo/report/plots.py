@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # file output only: no display on cluster nodes
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 LOSS_PARTS = ("loss", "ms_loss", "compression", "expansion", "optical_loss")
 OPTICAL_PARTS = ("cls", "patch_final", "patch_mid")
@@ -63,6 +64,7 @@ def data_counts(counts: Path, out: Path) -> None:
     right.barh([r for r, _ in reasons], [n for _, n in reasons], color="#c44e52")
     right.set_title(f"Rejects by reason ({sum(n for _, n in reasons)} in all)")
     right.set_xlabel("inputs")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts, not fractions
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
