@@ -39,6 +39,8 @@ from deo.data.bands import MS_BANDS
 from deo.errors import ConfigError
 from deo.models.export import (
     TIMM_MERGE_ORDER,
+    TIMM_TO_TORCHVISION_BLOCK,
+    TIMM_TO_TORCHVISION_EMBED,
     TORCHVISION_MERGE_ORDER,
     load_backbone,
     relative_position_index,
@@ -62,17 +64,9 @@ _TV_EMBED = re.compile(r"features\.0\.(0|2)\.(weight|bias)$")
 _TV_MERGE = re.compile(r"features\.(\d+)\.(norm|reduction)\.(weight|bias)$")
 _TV_BLOCK = re.compile(r"features\.(\d+)\.(\d+)\.(.+)\.([^.]+)$")
 _TV_NORM = re.compile(r"norm\.(weight|bias)$")
-# torchvision block sub-module -> timm's (inverse of the export's table).
-_BLOCK_MODULES: dict[str, str] = {
-    "norm1": "norm1",
-    "attn": "attn",
-    "attn.qkv": "attn.qkv",
-    "attn.proj": "attn.proj",
-    "norm2": "norm2",
-    "mlp.0": "mlp.fc1",
-    "mlp.3": "mlp.fc2",
-}
-_EMBED_MODULES: dict[str, str] = {"0": "proj", "2": "norm"}
+# torchvision sub-module -> timm's: the export's tables, inverted.
+_BLOCK_MODULES = {tv: timm for timm, tv in TIMM_TO_TORCHVISION_BLOCK.items()}
+_EMBED_MODULES = {tv: timm for timm, tv in TIMM_TO_TORCHVISION_EMBED.items()}
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ TORCHVISION_MERGE_ORDER: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), 
 
 # timm block sub-module -> torchvision block sub-module. torchvision's MLP is a Sequential of
 # (Linear, GELU, Dropout, Linear, Dropout), hence 0 and 3.
-_BLOCK_MODULES: dict[str, str] = {
+TIMM_TO_TORCHVISION_BLOCK: dict[str, str] = {
     "norm1": "norm1",
     "attn": "attn",
     "attn.qkv": "attn.qkv",
@@ -73,7 +73,7 @@ _BLOCK_MODULES: dict[str, str] = {
     "mlp.fc2": "mlp.3",
 }
 # timm PatchEmbed sub-module -> index in torchvision's features[0] = (Conv2d, Permute, norm).
-_EMBED_MODULES: dict[str, str] = {"proj": "0", "norm": "2"}
+TIMM_TO_TORCHVISION_EMBED: dict[str, str] = {"proj": "0", "norm": "2"}
 
 _BLOCK_KEY = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)\.([^.]+)$")
 _DOWNSAMPLE_KEY = re.compile(r"layers\.(\d+)\.downsample\.(norm|reduction)\.(weight|bias)$")
@@ -411,15 +411,15 @@ def _map_key(name: str, tensor: Tensor, modality: Modality) -> tuple[str, Tensor
         source, module, leaf = match.groups()
         if source != modality:
             return None
-        return f"features.0.{_EMBED_MODULES[module]}.{leaf}", tensor
+        return f"features.0.{TIMM_TO_TORCHVISION_EMBED[module]}.{leaf}", tensor
     if match := _NORM_KEY.fullmatch(name):
         return name, tensor
     if match := _DOWNSAMPLE_KEY.fullmatch(name):
         stage, module, leaf = match.groups()
         return f"features.{2 * int(stage)}.{module}.{leaf}", _merge_to_torchvision(tensor)
-    if (match := _BLOCK_KEY.fullmatch(name)) and match.group(3) in _BLOCK_MODULES:
+    if (match := _BLOCK_KEY.fullmatch(name)) and match.group(3) in TIMM_TO_TORCHVISION_BLOCK:
         stage, block, module, leaf = match.groups()
-        target = f"features.{2 * int(stage) + 1}.{block}.{_BLOCK_MODULES[module]}.{leaf}"
+        target = f"features.{2 * int(stage) + 1}.{block}.{TIMM_TO_TORCHVISION_BLOCK[module]}.{leaf}"
         return target, tensor
     raise ConfigError(f"no torchvision Swin name for student tensor {name!r}")
 
