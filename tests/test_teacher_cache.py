@@ -65,17 +65,7 @@ def make_cache(
 
 def training_multicrop(cfg: dict, store: Path) -> MultiCrop:
     """The MultiCrop the training loop builds for ``cfg``."""
-    c = parse_train(cfg)
-    return MultiCrop(
-        global_size=c.crops.global_size,
-        local_size=c.crops.local_size,
-        n_local=c.crops.n_local,
-        global_scale=c.crops.global_scale,
-        local_scale=c.crops.local_scale,
-        optical_aug=c.ablation.optical_aug,
-        band_stats=read_stats(store),
-        rgb_scale=c.crops.rgb_scale,
-    )
+    return MultiCrop.for_training(parse_train(cfg), read_stats(store))
 
 
 def relative_error(cached: torch.Tensor, online: torch.Tensor) -> float:

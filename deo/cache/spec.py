@@ -71,20 +71,10 @@ class GlobalViews:
     def from_train(cls, cfg: TrainConfig) -> GlobalViews:
         """The global-view settings a training run with ``cfg`` uses (what the workflow caches).
 
-        Built through ``MultiCrop`` with the arguments the training loop gives it, so the
-        defaults that the config does not expose (ratio, flips, blur taps) come from one place.
+        Taken from the loop's own ``MultiCrop``, so the defaults that the config does not expose
+        (ratio, flips, blur taps) come from one place.
         """
-        crops = cfg.crops
-        multicrop = MultiCrop(
-            global_size=crops.global_size,
-            local_size=crops.local_size,
-            n_local=crops.n_local,
-            global_scale=crops.global_scale,
-            local_scale=crops.local_scale,
-            optical_aug=cfg.ablation.optical_aug,
-            rgb_scale=crops.rgb_scale,
-        )
-        return cls.of(multicrop, with_rgb=cfg.ablation.hr_optical)
+        return cls.of(MultiCrop.for_training(cfg), with_rgb=cfg.ablation.hr_optical)
 
     @property
     def with_rgb(self) -> bool:

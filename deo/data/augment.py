@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,9 @@ from torch import Tensor
 from torchvision.ops import roi_align
 
 from deo.data.bands import MS_BANDS, RGB_BANDS
+
+if TYPE_CHECKING:
+    from deo.train.config import TrainConfig
 
 N_GLOBAL = 2
 """Global views per sample (DINO, DEO). The teacher sees these; the student sees all views."""
@@ -232,6 +236,24 @@ class MultiCrop:
         self.rgb_scale = rgb_scale
         self.rgb_index = [list(bands).index(b) for b in RGB_BANDS]
         self.rgb_mean, self.rgb_std = _rgb_stats(band_stats)
+
+    @classmethod
+    def for_training(
+        cls, cfg: TrainConfig, band_stats: Mapping[str, Mapping[str, float]] | None = None
+    ) -> MultiCrop:
+        """The views a training run with ``cfg`` draws: the loop and the teacher cache (which
+        must draw the same global views) both build it here."""
+        crops = cfg.crops
+        return cls(
+            global_size=crops.global_size,
+            local_size=crops.local_size,
+            n_local=crops.n_local,
+            global_scale=crops.global_scale,
+            local_scale=crops.local_scale,
+            optical_aug=cfg.ablation.optical_aug,
+            band_stats=band_stats,
+            rgb_scale=crops.rgb_scale,
+        )
 
     # ---- sampling -------------------------------------------------------------------------
 

@@ -194,16 +194,7 @@ def _train(
         momentum=cfg.optim.momentum,
         freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
     )
-    multicrop = MultiCrop(
-        global_size=cfg.crops.global_size,
-        local_size=cfg.crops.local_size,
-        n_local=cfg.crops.n_local,
-        global_scale=cfg.crops.global_scale,
-        local_scale=cfg.crops.local_scale,
-        optical_aug=cfg.ablation.optical_aug,
-        band_stats=read_stats(store),
-        rgb_scale=cfg.crops.rgb_scale,
-    )
+    multicrop = MultiCrop.for_training(cfg, read_stats(store))
 
     if cache is None:
         vfm = VFMTeacher(teacher_cfg).to(ctx.device) if cfg.uses_vfm else None
