@@ -20,6 +20,8 @@ from deo.evaluation.encoders import (
 from deo.models.export import export_backbone, export_torchgeo, to_torchvision_swin
 from deo.models.student import DualEmbedSwin, StudentConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # torchvision's Swin uses one window in every stage, so the round-trip model is built at the
 # smallest size whose last stage holds a whole window-4 window (4 * 4 * 8 = 128).
 TV_TINY = StudentConfig(
@@ -43,15 +45,6 @@ TINY = StudentConfig(
 
 class Payload:
     """Not a tensor: unpickling it needs this module's code, which weights_only refuses."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from deo.evaluation.protocols.dense import DenseModel, TrainCrops, sliding_windo
 from deo.evaluation.run import RESULT_COLUMNS, evaluate, read_results, run_job
 from deo.models.student import StudentConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = StudentConfig(
     arch="swin_tiny_patch4_window7_224",
     window_size=4,
@@ -37,15 +39,6 @@ TINY = StudentConfig(
 LINEAR = LinearConfig(epochs=30, batch_size=32, lrs=(1e-3, 1e-2), knn_k=5)
 DENSE = DenseConfig(epochs=5, batch_size=4, lr=1e-3, crop_size=32, channels=32)
 PROTOCOLS = ProtocolConfig(linear=LINEAR, segmentation=DENSE, change=DENSE)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,9 @@ from deo.train.checkpoint import load_checkpoint
 from deo.train.config import parse_teacher, parse_train
 from deo.train.loop import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N = 20  # store rows, in 3 blocks of 8 (the fake store's samples_per_shard)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared CPU, more threads only add contention (5-10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
