@@ -234,21 +234,28 @@ def _default_profile_dest() -> Path:
     return Path(user_config_dir("snakemake", "snakemake")) / "slurm"
 
 
+def _named_paths(kind: str, items: list[str], form: str) -> list[tuple[str, Path]]:
+    """``NAME=path`` arguments as pairs, in order; anything else fails naming the argument."""
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"deo plot {kind}: {item!r} is not {form}")
+        pairs.append((name, Path(path)))
+    return pairs
+
+
 def _plot(a: argparse.Namespace) -> None:
     from deo.report import plots
 
     if a.kind == "training":
-        runs = dict(item.split("=", 1) for item in a.inputs)
-        plots.training_curves({run: Path(path) for run, path in runs.items()}, a.out)
+        plots.training_curves(dict(_named_paths(a.kind, a.inputs, "RUN=metrics.csv")), a.out)
     elif a.kind == "data":
         plots.data_counts(Path(a.inputs[0]), a.out)
     else:
         by_rule: dict[str, list[Path]] = {}
-        for item in a.inputs:
-            rule, sep, path = item.partition("=")
-            if not sep:
-                raise SystemExit(f"deo plot runtimes: {item!r} is not RULE=benchmark.tsv")
-            by_rule.setdefault(rule, []).append(Path(path))
+        for rule, path in _named_paths(a.kind, a.inputs, "RULE=benchmark.tsv"):
+            by_rule.setdefault(rule, []).append(path)
         plots.rule_runtimes(by_rule, a.out)
 
 

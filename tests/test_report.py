@@ -74,3 +74,13 @@ def test_runtimes_are_summed_per_rule(tmp_path: Path) -> None:
     assert np.isnan(table.loc["merge", "max_rss"]) and table.loc["merge", "s"] == 4.0
     assert table.loc["repeat", "s"] == pytest.approx(2.0) and table.loc["repeat", "max_rss"] == 30
     assert list(table.index) == ["repeat", "merge", "harmonise"]  # ascending total time
+
+
+def test_plot_command_names_an_argument_without_its_name(tmp_path: Path) -> None:
+    from deo.cli import main
+
+    metrics = tmp_path / "m.csv"
+    for kind, form in (("training", "RUN=metrics.csv"), ("runtimes", "RULE=benchmark.tsv")):
+        with pytest.raises(SystemExit, match=f"deo plot {kind}: '{metrics}' is not {form}"):
+            main(["plot", kind, str(metrics), "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
