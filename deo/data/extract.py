@@ -42,6 +42,15 @@ class ExtractReport:
     extracted: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    def log_summary(self, archive: Path, dest: Path) -> None:
+        log.info(
+            "%s: extracted %d members into %s, skipped %d",
+            archive,
+            len(self.extracted),
+            dest,
+            len(self.skipped),
+        )
+
 
 def _open_stream(archive: Path) -> IO[bytes]:
     """Open ``archive``, decompressing by magic bytes.
@@ -162,13 +171,7 @@ def extract_tar(
                 pass
     except _CORRUPTION as exc:
         raise DataError(archive, f"corrupt or truncated archive: {exc}") from exc
-    log.info(
-        "%s: extracted %d members into %s, skipped %d",
-        archive,
-        len(report.extracted),
-        dest,
-        len(report.skipped),
-    )
+    report.log_summary(archive, dest)
     return report
 
 

@@ -81,11 +81,5 @@ def extract_zip(
                 report.extracted.append(info.filename)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise DataError(archive, f"corrupt or truncated zip archive: {exc}") from exc
-    log.info(
-        "%s: extracted %d members into %s, skipped %d",
-        archive,
-        len(report.extracted),
-        dest,
-        len(report.skipped),
-    )
+    report.log_summary(archive, dest)
     return report
