@@ -20,6 +20,7 @@ from deo.errors import ConfigError
 T = TypeVar("T")
 
 Resampling = Literal["nearest", "bilinear", "cubic", "average", "lanczos"]
+Tiling = Literal["resize", "fixed_gsd"]
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,14 @@ class SelectionConfig:
 @dataclass(frozen=True)
 class HarmoniseConfig:
     tile_size: int = 224
+    tiling: Tiling = "resize"
     gsd_m: float = 10.0
     resampling: dict[str, Resampling] = field(
         default_factory=lambda: {"10": "bilinear", "20": "bilinear", "60": "bilinear"}
     )
     rgb_resampling: Resampling = "average"
+    rgb_tile_size: int = 256
+    coreg_min_score: float = 0.3
     nodata: int = 0
     max_nodata_fraction: float = 0.5
     shards: int = 64
@@ -84,6 +88,8 @@ class HarmoniseConfig:
 class StoreConfig:
     samples_per_shard: int = 256
     clevel: int = 5
+    shuffle_seed: int = 0
+    merge_threads: int = 1
 
 
 @dataclass(frozen=True)

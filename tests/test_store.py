@@ -178,7 +178,7 @@ def test_mismatched_shards_name_the_shard(tmp_path: Path) -> None:
     no_rgb = tmp_path / "no_rgb"
     with ShardWriter(no_rgb, 1, T, False) as w:
         w.write(0, sample(1)[0], None, {"key": "k1", "order": 1})
-    with pytest.raises(DataError, match="rgb=False") as err:
+    with pytest.raises(DataError, match="rgb_tile_size=None") as err:
         merge(tmp_path, [good, no_rgb])
     assert err.value.path == str(no_rgb)
 
@@ -193,6 +193,53 @@ def test_mismatched_shards_name_the_shard(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="tile_size=16") as err:
         merge(tmp_path, [good, big])
     assert err.value.path == str(big)
+
+
+def _shards_with_rgb_size(root: Path, orders: list[list[int]], r: int) -> list[Path]:
+    """Shard stores whose ``rgb`` is ``r`` pixels a side (its content encodes the order)."""
+    paths = []
+    for j, shard_orders in enumerate(orders):
+        path = root / f"rgb{r}_{j}"
+        with ShardWriter(path, len(shard_orders), T, True, rgb_tile_size=r) as writer:
+            for pos, order in enumerate(shard_orders):
+                rgb = np.full((3, r, r), order, np.uint8)
+                writer.write(pos, sample(order)[0], rgb, {"key": f"k{order}", "order": order})
+        paths.append(path)
+    return paths
+
+
+def test_shuffled_threaded_merge_permutes_rows_and_keeps_keys(tmp_path: Path) -> None:
+    orders = [[0, 3, 6, 9, 12], [1, 4, 7, 10], [2, 5, 8, 11]]
+    shards = _shards_with_rgb_size(tmp_path, orders, 12)
+    assert merge(tmp_path, shards, shuffle_seed=7, threads=3) == 13
+    permutation = np.random.default_rng(7).permutation(13)  # row i holds sorted sample perm[i]
+    assert sorted(permutation.tolist()) == list(range(13)) and permutation.tolist() != sorted(
+        permutation.tolist()
+    )
+    group = zarr.open_group(tmp_path / "out.zarr", mode="r", zarr_format=3)
+    assert group["rgb"].shape == (13, 3, 12, 12) and group.attrs["rgb_tile_size"] == 12
+    table = pd.read_parquet(tmp_path / "out.parquet")
+    assert table["key"].tolist() == [f"k{i}" for i in permutation]
+    assert table["order"].tolist() == permutation.tolist()
+    assert table["index"].tolist() == list(range(13))
+    s2, rgb = group["s2"][:], group["rgb"][:]
+    for row, i in enumerate(permutation):
+        np.testing.assert_array_equal(s2[row], sample(int(i))[0])
+        assert np.all(rgb[row] == i)
+
+    # one thread writes the same store
+    one = tmp_path / "one"
+    one.mkdir()
+    merge(one, shards, shuffle_seed=7, threads=1)
+    again = zarr.open_group(one / "out.zarr", mode="r", zarr_format=3)
+    np.testing.assert_array_equal(again["s2"][:], s2)
+    np.testing.assert_array_equal(again["rgb"][:], rgb)
+    pd.testing.assert_frame_equal(pd.read_parquet(one / "out.parquet"), table)
+
+    other = _shards_with_rgb_size(tmp_path, [[13]], 16)
+    with pytest.raises(DataError, match="rgb_tile_size=16") as err:
+        merge(tmp_path, [shards[0], other[0]])
+    assert err.value.path == str(other[0])
 
 
 def test_no_samples_is_an_error(tmp_path: Path) -> None:

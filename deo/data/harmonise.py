@@ -1,17 +1,29 @@
-"""Per-scene harmonisation: one Sentinel-2 scene and its fMoW-RGB partner onto one metric grid.
+"""Per-scene harmonisation: one Sentinel-2 scene and its fMoW-RGB partner onto one footprint.
 
 Sentinel-2 (:func:`read_s2`)
     fMoW-Sentinel GeoTIFFs are Google Earth Engine exports in EPSG:4326 whose pixel size in
-    metres depends on latitude, and their shapes vary. Every scene is brought to one grid of
-    ``gsd_m`` metres: a geographic (or non-metric) source is reprojected into the plain 6° WGS84
-    UTM zone of its centre (EPSG 326zz north, 327zz south; no Norway/Svalbard exceptions, so the
-    zone is a simple function of the centre), a metric source is resampled in its own CRS. The
-    ``tile_size`` × ``tile_size`` grid is centred on the scene centre, its origin snapped to the
-    source pixel lattice (metric source) or to whole multiples of ``gsd_m`` (UTM), so that a
-    10 m source is copied without interpolation. Each band group of one native resolution
-    (10/20/60 m) is warped with its own configured resampling in one ``reproject`` call. Padding
-    outside the source footprint is nodata and counts towards the nodata fraction that rejects
-    a scene.
+    metres depends on latitude, and their shapes vary (most are small crops around the
+    object, from a few to several hundred pixels a side). Every scene goes to a north-up grid
+    in a metric CRS: a geographic (or non-metric) source is reprojected into the plain 6°
+    WGS84 UTM zone of its centre (EPSG 326zz north, 327zz south; no Norway/Svalbard
+    exceptions, so the zone is a simple function of the centre), a metric source is resampled
+    in its own CRS. ``tiling`` says which grid:
+
+    ``resize`` (the authors', and SatMAE's: each image stored whole and resized)
+        The tile covers the scene's whole footprint (its bounds; for a geographic source the
+        UTM positions of its edge midpoints) with ``tile_size`` × ``tile_size`` pixels, so
+        the pixel size follows the scene (``gsd_m_eff``, not square for a non-square scene)
+        and no scene is lost to its size. Slivers left by the small rotation of a geographic
+        source in UTM are nodata.
+    ``fixed_gsd``
+        A ``tile_size`` grid of ``gsd_m`` metres centred on the scene centre, its origin
+        snapped to the source pixel lattice (metric source) or to whole multiples of
+        ``gsd_m`` (UTM), so that a 10 m source is copied without interpolation. A small scene
+        is padded with nodata and rejected when the padding passes ``max_nodata_fraction``.
+
+    Each band group of one native resolution (10/20/60 m) is warped with its own configured
+    resampling in one ``reproject`` call. Nodata (padding included) counts towards the
+    nodata fraction that rejects a scene.
 
 fMoW-RGB (:func:`read_rgb`)
     The partner's metadata do not include a geotransform. Two ways to place it, in order:
@@ -25,11 +37,12 @@ fMoW-RGB (:func:`read_rgb`)
     2. ``gsd-centred``: when there is no polygon or the box is degenerate, the image is placed
        north-up with the JSON ``gsd`` as its pixel size, centred on the grid centre.
 
-    The three bands are then warped onto the grid with ``rgb_resampling`` (``average`` by
-    default: a 0.3–2 m image is downsampled to 10 m). Tile pixels outside the RGB footprint
-    stay 0. Large JPEGs are decoded at a reduced DCT scale (PIL ``draft``) when the reduced
-    pixels are still at most half a grid pixel, which keeps decoding cheap without changing
-    what averaging to the grid produces.
+    The placement is only a claim: :mod:`deo.data.coreg` checks it against Sentinel-2's own
+    pixels. The three bands are warped with ``rgb_resampling`` onto the SAME footprint as the
+    Sentinel tile at ``rgb_tile_size`` pixels a side (the aerial detail kept, not averaged to
+    10 m). Tile pixels outside the RGB footprint stay 0. Large JPEGs are decoded at a reduced
+    DCT scale (PIL ``draft``) when the reduced pixels are still at most half a tile pixel,
+    which keeps decoding cheap without changing what averaging to the tile produces.
 """
 
 from __future__ import annotations
@@ -73,6 +86,24 @@ class TargetGrid:
     @property
     def centre(self) -> tuple[float, float]:
         return self.transform @ (self.size / 2, self.size / 2)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """The footprint (left, bottom, right, top) in ``crs`` units."""
+        left, top = self.transform @ (0, 0)
+        right, bottom = self.transform @ (self.size, self.size)
+        return left, bottom, right, top
+
+    @property
+    def gsd_m_eff(self) -> float:
+        """Ground sampling distance in metres: the geometric mean of the pixel's two sides."""
+        return math.sqrt(abs(self.transform.a * self.transform.e))
+
+    def resized(self, size: int) -> TargetGrid:
+        """The same footprint on ``size`` × ``size`` pixels."""
+        left, bottom, right, top = self.bounds
+        step_x, step_y = (right - left) / size, (top - bottom) / size
+        return TargetGrid(self.crs, Affine(step_x, 0, left, 0, -step_y, top), size)
 
 
 def utm_epsg(lon: float, lat: float) -> int:
@@ -120,6 +151,8 @@ def read_s2(path: Path, cfg: HarmoniseConfig) -> tuple[np.ndarray, TargetGrid, d
         "utm_epsg": epsg,
         "grid_crs": grid.crs.to_string(),
         "grid_transform": list(grid.transform)[:6],
+        "tiling": cfg.tiling,
+        "gsd_m_eff": round(grid.gsd_m_eff, 4),
         "nodata_fraction": round(nodata_fraction, 6),
     }
     return out, grid, info
@@ -156,30 +189,68 @@ def _read_ms_bands(path: Path) -> tuple[np.ndarray, CRS, Affine]:
 def _target_grid(
     path: Path, src_crs: CRS, src_transform: Affine, shape: tuple[int, int], cfg: HarmoniseConfig
 ) -> tuple[TargetGrid, int | None]:
-    """The grid centred on the scene centre, and the UTM EPSG code when the scene is reprojected.
+    """The scene's grid (see ``tiling`` above), and the UTM EPSG code when it is reprojected."""
+    height, width = shape
+    metric = src_crs.is_projected and src_crs.linear_units in ("metre", "meter")
+    crs, epsg = src_crs, None
+    if not metric:
+        cx, cy = src_transform @ (width / 2, height / 2)
+        try:
+            (lon,), (lat,) = transform(src_crs, WGS84, [cx], [cy])
+        except rasterio.errors.RasterioError as e:
+            raise DataError(path, f"cannot locate the scene centre in lon/lat: {e}") from e
+        epsg = utm_epsg(lon, lat)
+        crs = CRS.from_epsg(epsg)
+    if cfg.tiling == "resize":
+        return _whole_scene_grid(src_crs, src_transform, shape, crs, cfg.tile_size), epsg
+    return _fixed_gsd_grid(src_crs, src_transform, shape, crs, metric, cfg), epsg
 
-    The origin is snapped (to the source lattice, or to whole ``gsd_m`` in UTM) so that a
-    source already at ``gsd_m`` lands pixel-for-pixel on the grid.
+
+def _whole_scene_grid(
+    src_crs: CRS, src_transform: Affine, shape: tuple[int, int], crs: CRS, size: int
+) -> TargetGrid:
+    """``size`` pixels a side over the scene's footprint in ``crs``.
+
+    The footprint's sides are where the source's edge midpoints land in ``crs``: exact for a
+    metric source, and for a geographic one the rectangle that a scene rotated by the UTM
+    grid convergence (a degree or two) fills to within slivers at its corners.
     """
+    height, width = shape
+    cols = [0, width, width / 2, width / 2]
+    rows = [height / 2, height / 2, 0, height]
+    xs, ys = zip(*(src_transform @ (c, r) for c, r in zip(cols, rows, strict=True)), strict=True)
+    if crs != src_crs:
+        xs, ys = transform(src_crs, crs, list(xs), list(ys))
+    left, right = sorted(xs[:2])
+    bottom, top = sorted(ys[2:])
+    return TargetGrid(
+        crs, Affine((right - left) / size, 0, left, 0, -(top - bottom) / size, top), size
+    )
+
+
+def _fixed_gsd_grid(
+    src_crs: CRS,
+    src_transform: Affine,
+    shape: tuple[int, int],
+    crs: CRS,
+    metric: bool,
+    cfg: HarmoniseConfig,
+) -> TargetGrid:
+    """``tile_size`` pixels of ``gsd_m`` centred on the scene centre, origin snapped so that a
+    source already at ``gsd_m`` lands pixel-for-pixel on the grid."""
     height, width = shape
     cx, cy = src_transform @ (width / 2, height / 2)
     half = cfg.tile_size * cfg.gsd_m / 2
     g = cfg.gsd_m
-    if src_crs.is_projected and src_crs.linear_units in ("metre", "meter"):
+    if metric:
         ref_x, ref_y = src_transform.c, src_transform.f
         left = ref_x + round((cx - half - ref_x) / g) * g
         top = ref_y + round((cy + half - ref_y) / g) * g
-        return TargetGrid(src_crs, Affine(g, 0, left, 0, -g, top), cfg.tile_size), None
-    try:
-        (lon,), (lat,) = transform(src_crs, WGS84, [cx], [cy])
-    except rasterio.errors.RasterioError as e:
-        raise DataError(path, f"cannot locate the scene centre in lon/lat: {e}") from e
-    epsg = utm_epsg(lon, lat)
-    utm = CRS.from_epsg(epsg)
-    (ux,), (uy,) = transform(WGS84, utm, [lon], [lat])
-    left = round((ux - half) / g) * g
-    top = round((uy + half) / g) * g
-    return TargetGrid(utm, Affine(g, 0, left, 0, -g, top), cfg.tile_size), epsg
+    else:
+        (ux,), (uy,) = transform(src_crs, crs, [cx], [cy])
+        left = round((ux - half) / g) * g
+        top = round((uy + half) / g) * g
+    return TargetGrid(crs, Affine(g, 0, left, 0, -g, top), cfg.tile_size)
 
 
 def _resampling_groups(cfg: HarmoniseConfig) -> dict[Resampling, list[int]]:
@@ -222,7 +293,9 @@ def read_rgb(
     cfg: HarmoniseConfig,
     polygon_wkt: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The fMoW-RGB partner as uint8 ``(3, T, T)`` R, G, B co-registered to ``grid``.
+    """The fMoW-RGB partner as uint8 ``(3, R, R)`` R, G, B over ``grid``'s footprint, R =
+    ``rgb_tile_size``; ``info["rgb_transform"]`` is the placement (full-resolution pixel → grid
+    CRS affine) that :func:`rgb_coverage` and the co-registration check use.
 
     ``polygon_wkt`` (the CSV row's object polygon) is used when the JSON box has no
     ``raw_location``. Raises :class:`DataError` naming the file for a corrupt JPEG, an
@@ -232,7 +305,8 @@ def read_rgb(
         raise DataError(jpg, "file not found")
     meta = _read_rgb_meta(meta_json)
     gsd = float(meta["gsd"])
-    pixels = _read_jpeg(jpg, _decode_scale(gsd, cfg.gsd_m))
+    tile = grid.resized(cfg.rgb_tile_size)
+    pixels = _read_jpeg(jpg, _decode_scale(gsd, min(tile.transform.a, -tile.transform.e)))
     full_h, full_w = int(meta["img_height"]), int(meta["img_width"])
     if (full_w, full_h) != (pixels.full_size[0], pixels.full_size[1]):
         raise DataError(
@@ -249,23 +323,39 @@ def read_rgb(
     else:
         full_transform, info = placed
     src_transform = full_transform @ Affine.scale(pixels.scale)
-    out = np.zeros((3, grid.size, grid.size), dtype=np.uint8)
+    out = np.zeros((3, tile.size, tile.size), dtype=np.uint8)
     reproject(
         pixels.data,
         out,
         src_transform=src_transform,
-        src_crs=grid.crs,
-        dst_transform=grid.transform,
-        dst_crs=grid.crs,
+        src_crs=tile.crs,
+        dst_transform=tile.transform,
+        dst_crs=tile.crs,
         resampling=Resampling[cfg.rgb_resampling],
     )
     info |= {
+        "rgb_transform": list(full_transform)[:6],
+        "rgb_gsd_m_eff": round(tile.gsd_m_eff, 4),
         "rgb_gsd_json_m": gsd,
         "rgb_res_m": round(math.hypot(full_transform.a, full_transform.d), 4),
         "rgb_src_shape": [full_h, full_w],
         "rgb_decode_scale": pixels.scale,
     }
     return out, info
+
+
+def rgb_coverage(tile: TargetGrid, rgb_transform: Affine, src_shape: tuple[int, int]) -> np.ndarray:
+    """Bool ``(size, size)``: which pixel centres of ``tile`` the placed image covers.
+
+    Computed from the placement rather than from the pixels, so a black image pixel is still
+    covered and JPEG ringing outside the footprint is not.
+    """
+    centres = np.arange(tile.size) + 0.5
+    cols, rows = np.meshgrid(centres, centres)
+    x, y = tile.transform @ (cols, rows)
+    col, row = ~rgb_transform @ (x, y)
+    height, width = src_shape
+    return (col >= 0) & (col < width) & (row >= 0) & (row < height)
 
 
 def _read_rgb_meta(meta_json: Path) -> dict[str, Any]:
@@ -301,7 +391,7 @@ class _Pixels:
 
 
 def _decode_scale(gsd_src: float, gsd_grid: float) -> int:
-    """The largest JPEG DCT reduction (1, 2, 4, 8) keeping pixels at most half a grid pixel."""
+    """The largest JPEG DCT reduction (1, 2, 4, 8) keeping pixels at most half a tile pixel."""
     ratio = gsd_grid / (2 * gsd_src)
     return max((s for s in (1, 2, 4, 8) if s <= ratio), default=1)
 

@@ -9,7 +9,8 @@ What it writes under ``out`` (deterministic from ``MirrorConfig.seed``):
   ``image_id < 100``, north-up in the location's UTM zone at 0.6–2 m, with fMoW's JSON keys;
 - ``bad_inputs.json`` and ``mirror.json``: the deliberately broken inputs (one of each of
   ``BAD_KINDS``; paths relative to ``sentinel/<archive_prefix>`` for scenes, to ``rgb/`` for
-  partners) and a summary with the config.
+  partners) and a summary with the config. Two of them are partners that are well-formed but
+  mis-registered (shifted, scaled): they show the same ground model, displaced.
 
 Why the data are learnable: each location has ONE ground model, a continuous function of
 metres east/north of the location centre in its UTM zone that mixes land covers with
@@ -72,8 +73,20 @@ BAD_KINDS: tuple[str, ...] = (
     "corrupt_jpeg",
     "bad_json",
     "missing_rgb",
+    "misregistered_shift",
+    "misregistered_scale",
 )
-"""One deliberately broken input of each kind; the first five concern the GeoTIFF."""
+"""One deliberately broken input of each kind; the first five concern the GeoTIFF. The two
+``misregistered_*`` partners are valid files whose metadata place them wrongly (see
+:func:`_misregistration`): only the co-registration check can reject them."""
+
+MISREGISTER_SHIFT_M = 150.0
+"""How far a ``misregistered_shift`` image's ground lies from where its metadata say: 15
+Sentinel pixels, about the half-size of an fMoW object box (e.g. the box of another object)."""
+MISREGISTER_SCALE = 2.0
+"""Ground size of a ``misregistered_scale`` image's pixel over the one its metadata imply, about
+the image's top-left corner: what fitting the object's polygon to a box of another extent gives
+(the image's centre lands a quarter of the image away)."""
 
 S2_GSD_M = 10.0
 SUPERSAMPLE = 2  # sub-samples per Sentinel pixel axis: the sensor integrates over its pixel
@@ -294,7 +307,9 @@ def _bad_entry(scenes: list[Scene], tif_relpath: str, kind: str) -> dict[str, st
     """The listed path: the tif's (below the archive prefix) or the RGB file's (below rgb/)."""
     scene = next(s for s in scenes if s.tif_relpath == tif_relpath)
     jpg, meta = scene.rgb_relpaths
-    path = {"corrupt_jpeg": jpg, "missing_rgb": jpg, "bad_json": meta}.get(kind, tif_relpath)
+    partner = {"corrupt_jpeg": jpg, "missing_rgb": jpg, "bad_json": meta}
+    partner |= {"misregistered_shift": jpg, "misregistered_scale": jpg}
+    path = partner.get(kind, tif_relpath)
     return {"path": path, "kind": kind}
 
 
@@ -587,8 +602,10 @@ def _write_rgb(scene: Scene, rgb_dir: Path, rgb_size_px: tuple[int, int], kind: 
     gsd = round(max(float(rng.uniform(*RGB_GSD_RANGE_M)), fits), 4)
     ox = width / 2 + float(rng.uniform(-0.1, 0.1)) * width
     oy = height / 2 + float(rng.uniform(-0.1, 0.1)) * height
-    samples = _Samples(
-        ((0.5 - ox) * gsd, (oy - 0.5) * gsd), (gsd, 0.0), (0.0, -gsd), (height, width)
+    samples = _misregistration(
+        _Samples(((0.5 - ox) * gsd, (oy - 0.5) * gsd), (gsd, 0.0), (0.0, -gsd), (height, width)),
+        kind,
+        np.random.default_rng([*scene.seed, 7]),
     )
     refl = _reflectance(scene, samples)[_RGB_FROM]
     level = 255 * np.clip(refl * np.float32(rng.uniform(0.9, 1.1) / 3000), 0, 1) ** np.float32(
@@ -630,6 +647,24 @@ def _write_rgb(scene: Scene, rgb_dir: Path, rgb_size_px: tuple[int, int], kind: 
         Image.fromarray(image.transpose(1, 2, 0)).save(jpg, format="JPEG", quality=90)
     text = json.dumps(meta, indent=2)
     meta_json.write_text(text[: len(text) // 2] if kind == "bad_json" else text + "\n")
+
+
+def _misregistration(samples: _Samples, kind: str | None, rng: np.random.Generator) -> _Samples:
+    """The ground lattice a ``misregistered_*`` image really shows (others: ``samples``).
+
+    The metadata keep describing ``samples``, so the image is rendered from the same ground
+    model (it still correlates with Sentinel-2 where placed right) but displaced: shifted by
+    ``MISREGISTER_SHIFT_M`` in a random direction, or scaled about its top-left corner.
+    """
+    (x0, y0), (cx, cy), (rx, ry) = samples.origin, samples.col_step, samples.row_step
+    if kind == "misregistered_shift":
+        angle = rng.uniform(0, 2 * np.pi)
+        dx, dy = MISREGISTER_SHIFT_M * np.cos(angle), MISREGISTER_SHIFT_M * np.sin(angle)
+        return _Samples((x0 + dx, y0 + dy), samples.col_step, samples.row_step, samples.shape)
+    if kind == "misregistered_scale":
+        k = MISREGISTER_SCALE  # about the top-left corner, as a box of another extent scales it
+        return _Samples((x0, y0), (k * cx, k * cy), (k * rx, k * ry), samples.shape)
+    return samples
 
 
 def _utm_zone_name(lon: float, lat: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections import Counter
@@ -18,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from affine import Affine
 
 from deo import __version__
 from deo.config import DataConfig, HarmoniseConfig, SelectionConfig, SentinelSource, digest, to_dict
 from deo.data import fmow
+from deo.data.coreg import coreg_score, passes
 from deo.data.extract import extract_tar, write_skipped_csv
 from deo.data.fetch import FetchItem, FetchResult, fetch_all, require_ok
-from deo.data.harmonise import read_rgb, read_s2
+from deo.data.harmonise import TargetGrid, read_rgb, read_s2, rgb_coverage
 from deo.data.pair import pair_scenes
 from deo.data.rejects import Reject, check_reject_fraction, read_rejects, write_rejects
 from deo.data.store import ShardWriter, merge_shards
@@ -161,7 +164,13 @@ def harmonise_shard(
     partial = out.with_name(out.name + ".partial")
     found: list[Reject] = []
     # The writer flushes its table on the way out, also when the job fails or is terminated.
-    with ShardWriter(partial, n=len(mine), tile_size=cfg.tile_size, with_rgb=with_rgb) as writer:
+    with ShardWriter(
+        partial,
+        n=len(mine),
+        tile_size=cfg.tile_size,
+        with_rgb=with_rgb,
+        rgb_tile_size=cfg.rgb_tile_size,
+    ) as writer:
         done = writer.done_keys
         if done:
             log.info("resuming shard %d: %d of %d scenes done", shard, len(done), len(mine))
@@ -190,7 +199,7 @@ def _harmonise_scenes(
         except DataError as e:
             found.append(Reject(e.path, "harmonise", e.problem))
             continue
-        rgb, rgb_info = None, {}
+        rgb, rgb_info, score = None, {}, math.nan
         if with_rgb and isinstance(scene.rgb_jpg, str):  # absent partners read back as NaN
             try:
                 rgb, rgb_info = read_rgb(
@@ -198,16 +207,63 @@ def _harmonise_scenes(
                 )
             except DataError as e:
                 found.append(Reject(e.path, "harmonise", e.problem))
+        if rgb is not None:
+            score, reject = _check_coreg(s2, grid, rgb, rgb_info, cfg, scene.rgb_jpg)
+            if reject is not None:
+                found.append(reject)
+                rgb = None
+        has_rgb = rgb is not None
         if with_rgb and rgb is None:
-            rgb = _blank_rgb(cfg.tile_size)
-        writer.write(
-            position, s2, rgb, _sample_meta(scene, rgb_info, s2_info, has_rgb=bool(rgb_info))
+            rgb = _blank_rgb(cfg.rgb_tile_size)
+        meta = _sample_meta(scene, rgb_info, s2_info, has_rgb=has_rgb)
+        writer.write(position, s2, rgb, meta | _placement(grid, score))
+
+
+def _check_coreg(
+    s2: np.ndarray,
+    grid: TargetGrid,
+    rgb: np.ndarray,
+    rgb_info: dict,
+    cfg: HarmoniseConfig,
+    jpg: str,
+) -> tuple[float, Reject | None]:
+    """The pair's co-registration score, and the reject when the partner fails the check."""
+    tile = grid.resized(cfg.rgb_tile_size)
+    covered = rgb_coverage(tile, Affine(*rgb_info["rgb_transform"]), rgb_info["rgb_src_shape"])
+    score, n = coreg_score(s2, grid, rgb, tile, covered, nodata=cfg.nodata, gsd_m=cfg.gsd_m)
+    rgb_info |= {"coreg_score": score, "coreg_pixels": n}
+    if passes(score, cfg.coreg_min_score):
+        return score, None
+    if math.isnan(score):
+        reason = (
+            f"co-registration not checkable: {n} Sentinel pixels covered by the partner "
+            "(or no contrast); kept as MS-only"
         )
+    else:
+        reason = (
+            f"co-registration check failed: score {score:.3f} < data.harmonise.coreg_min_score "
+            f"{cfg.coreg_min_score} over {n} pixels; kept as MS-only"
+        )
+    return score, Reject(jpg, "coreg", reason)
 
 
-def _blank_rgb(tile_size: int) -> np.ndarray:
+def _placement(grid: TargetGrid, score: float) -> dict:
+    """Footprint, effective GSD and co-registration score columns of a sample."""
+    left, bottom, right, top = grid.bounds
+    return {
+        "footprint_crs": grid.crs.to_string(),
+        "footprint_left": left,
+        "footprint_bottom": bottom,
+        "footprint_right": right,
+        "footprint_top": top,
+        "gsd_m_eff": grid.gsd_m_eff,
+        "coreg_score": score,
+    }
+
+
+def _blank_rgb(size: int) -> np.ndarray:
     """All-zero RGB for scenes without a usable partner (``has_rgb`` is false in the table)."""
-    return np.zeros((3, tile_size, tile_size), dtype=np.uint8)
+    return np.zeros((3, size, size), dtype=np.uint8)
 
 
 def _sample_meta(scene, rgb_info: dict, s2_info: dict, *, has_rgb: bool) -> dict:
@@ -269,6 +325,8 @@ def merge(
         clevel=cfg.store.clevel,
         attrs=store_attrs(cfg),
         gsd_m=cfg.harmonise.gsd_m,
+        shuffle_seed=cfg.store.shuffle_seed,
+        threads=cfg.store.merge_threads,
     )
     counts = {
         "scenes_selected": n_scenes,

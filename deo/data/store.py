@@ -2,11 +2,19 @@
 
 Harmonise jobs run in parallel, so each writes its own *shard store* (a directory holding a
 small Zarr group and a Parquet table) and never touches a shared file. The merge stage then
-orders every sample by its global ``order`` key and writes the final store once, one Zarr shard
-at a time, so each shard file is written exactly once and compressed only once.
+orders every sample by its global ``order`` key, applies a seeded permutation
+(:func:`shuffled_rows`), and writes the final store once, one Zarr shard at a time (shards in
+parallel threads), so each shard file is written exactly once and compressed only once.
+
+Why shuffled: training reads a batch from one or two shards (``ShardGroupedSampler``) to keep
+reads sequential. In the sorted order a shard is a few locations of one category and their
+revisits; in a random order each shard is a uniform sample, so a shard-grouped batch is too
+(the coding-rate term of the loss is computed over the batch). The table keeps every key
+(split, category, location_id, image_id, key, order), so the sorted order is one sort away.
 
 Final store layout (see DESIGN.md, "Pre-training store"): a Zarr v3 group with ``s2`` uint16
-``(N, 10, T, T)`` in ``MS_BANDS`` order and, when built with RGB, ``rgb`` uint8 ``(N, 3, T, T)``;
+``(N, 10, T, T)`` in ``MS_BANDS`` order and, when built with RGB, ``rgb`` uint8 ``(N, 3, R, R)``
+(R = ``rgb_tile_size``, the aerial partner over the same footprint; zeros without one);
 chunks of one sample inside shards of ``samples_per_shard`` samples; Blosc zstd with bitshuffle.
 The per-sample table (row i describes sample i, with an ``index`` column) lives beside it.
 """
@@ -18,6 +26,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -48,16 +57,32 @@ SHARD_ATTR = "deo_shard"
 RESERVED_META = ("position", "index")
 """Table columns the store code owns: a caller's meta dict must not use them."""
 
-STORE_ATTRS = ("bands", "wavelengths_nm", "tile_size", "gsd_m")
+STORE_ATTRS = ("bands", "wavelengths_nm", "tile_size", "rgb_tile_size", "gsd_m")
 """Attributes ``merge_shards`` sets itself; a caller's provenance attrs may not shadow them."""
 
 
-def _array_shapes(tile_size: int, with_rgb: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per-sample shape and dtype of each array, the single definition used by writer and merge."""
+def _array_shapes(
+    tile_size: int, rgb_tile_size: int | None
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-sample shape and dtype of each array, the single definition used by writer and merge.
+
+    ``rgb_tile_size`` None means a store without ``rgb``.
+    """
     shapes = {"s2": ((len(MS_BANDS), tile_size, tile_size), np.dtype(np.uint16))}
-    if with_rgb:
-        shapes["rgb"] = ((len(RGB_CHANNELS), tile_size, tile_size), np.dtype(np.uint8))
+    if rgb_tile_size is not None:
+        rgb = (len(RGB_CHANNELS), rgb_tile_size, rgb_tile_size)
+        shapes["rgb"] = (rgb, np.dtype(np.uint8))
     return shapes
+
+
+def shuffled_rows(n: int, seed: int | None) -> np.ndarray:
+    """Row ``i`` of the final store is sample ``shuffled_rows(n, seed)[i]`` of the sorted order.
+
+    ``seed`` None keeps the sorted order (the identity).
+    """
+    if seed is None:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng(seed).permutation(n).astype(np.int64)
 
 
 def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
@@ -80,18 +105,31 @@ class ShardWriter:
     """
 
     def __init__(
-        self, path: Path, n: int, tile_size: int, with_rgb: bool, *, flush_every: int = 64
+        self,
+        path: Path,
+        n: int,
+        tile_size: int,
+        with_rgb: bool,
+        *,
+        rgb_tile_size: int | None = None,
+        flush_every: int = 64,
     ) -> None:
         self.path = Path(path)
         self.n = n
         self.tile_size = tile_size
         self.with_rgb = with_rgb
+        self.rgb_tile_size = (rgb_tile_size or tile_size) if with_rgb else None
         self.flush_every = flush_every
-        self._shapes = _array_shapes(tile_size, with_rgb)
+        self._shapes = _array_shapes(tile_size, self.rgb_tile_size)
         self._rows: dict[int, dict[str, Any]] = {}
         self._positions: dict[str, int] = {}
         self._unflushed = 0
-        expected = {"n": n, "tile_size": tile_size, "with_rgb": with_rgb}
+        expected = {
+            "n": n,
+            "tile_size": tile_size,
+            "with_rgb": with_rgb,
+            "rgb_tile_size": self.rgb_tile_size,
+        }
         arrays_path = self.path / SHARD_ARRAYS
         if (arrays_path / "zarr.json").exists():
             group = zarr.open_group(arrays_path, mode="r+", zarr_format=3)
@@ -218,7 +256,7 @@ class _Shard:
     arrays: dict[str, zarr.Array]
     table: pd.DataFrame
     tile_size: int
-    with_rgb: bool
+    rgb_tile_size: int | None
 
 
 def _open_shard(path: Path) -> _Shard:
@@ -231,7 +269,8 @@ def _open_shard(path: Path) -> _Shard:
     if not isinstance(info, dict):
         raise DataError(path, f"not a shard store: the group has no '{SHARD_ATTR}' attribute")
     arrays = {name: group[name] for name in group.array_keys()}
-    return _Shard(path, arrays, read_shard_table(path), info["tile_size"], info["with_rgb"])
+    rgb_tile_size = info.get("rgb_tile_size", info["tile_size"]) if info["with_rgb"] else None
+    return _Shard(path, arrays, read_shard_table(path), info["tile_size"], rgb_tile_size)
 
 
 def _merged_table(shards: Sequence[_Shard]) -> pd.DataFrame:
@@ -252,11 +291,12 @@ def _merged_table(shards: Sequence[_Shard]) -> pd.DataFrame:
 def _check_consistent(shards: Sequence[_Shard]) -> None:
     first = shards[0]
     for s in shards[1:]:
-        if (s.tile_size, s.with_rgb) != (first.tile_size, first.with_rgb):
+        if (s.tile_size, s.rgb_tile_size) != (first.tile_size, first.rgb_tile_size):
             raise DataError(
                 s.path,
-                f"shard has tile_size={s.tile_size}, rgb={s.with_rgb} but {first.path} has "
-                f"tile_size={first.tile_size}, rgb={first.with_rgb}",
+                f"shard has tile_size={s.tile_size}, rgb_tile_size={s.rgb_tile_size} but "
+                f"{first.path} has tile_size={first.tile_size}, "
+                f"rgb_tile_size={first.rgb_tile_size}",
             )
 
 
@@ -302,9 +342,14 @@ def merge_shards(
     clevel: int,
     attrs: dict,
     gsd_m: float | None = None,
+    shuffle_seed: int | None = None,
+    threads: int = 1,
 ) -> int:
     """Merge shard stores into the final store and table; returns the number of samples N.
 
+    Samples go in the sorted (``order``, key) order permuted by ``shuffle_seed`` (None: sorted;
+    see :func:`shuffled_rows`). ``threads`` output shards are gathered, compressed and written
+    at once (each shard file by one thread); the result does not depend on ``threads``.
     Everything is written under ``<out_store>.tmp`` / ``<out_table>.tmp`` and renamed at the
     end, so a killed merge never leaves a half-written store at the output path.
     """
@@ -319,14 +364,15 @@ def merge_shards(
     n = len(table)
     if n == 0:
         raise DataError(out_store, f"no samples: all {len(opened)} shard stores are empty")
-    tile_size, with_rgb = opened[0].tile_size, opened[0].with_rgb
+    table = table.iloc[shuffled_rows(n, shuffle_seed)].reset_index(drop=True)
+    tile_size, rgb_tile_size = opened[0].tile_size, opened[0].rgb_tile_size
 
     tmp_store = out_store.with_name(out_store.name + ".tmp")
     if tmp_store.exists():
         shutil.rmtree(tmp_store)
     group = zarr.open_group(tmp_store, mode="w", zarr_format=3)
     arrays = {}
-    for name, (shape, dtype) in _array_shapes(tile_size, with_rgb).items():
+    for name, (shape, dtype) in _array_shapes(tile_size, rgb_tile_size).items():
         arrays[name] = group.create_array(
             name,
             shape=(n, *shape),
@@ -336,18 +382,23 @@ def merge_shards(
             compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle"),
             fill_value=0,
         )
-    starts = range(0, n, samples_per_shard)
-    for i, start in enumerate(starts):
+
+    def write_shard(start: int) -> None:
         block = table.iloc[start : start + samples_per_shard]
         for name, array in arrays.items():
             array[start : start + len(block)] = _gather(opened, block, name)
-        if i % max(1, len(starts) // 20) == 0 or i == len(starts) - 1:
-            log.info("merged %d of %d samples", start + len(block), n)
+
+    starts = range(0, n, samples_per_shard)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for i, _ in enumerate(pool.map(write_shard, starts)):
+            if i % max(1, len(starts) // 20) == 0 or i == len(starts) - 1:
+                log.info("merged %d of %d samples", min(n, (i + 1) * samples_per_shard), n)
     group.attrs.update(
         {
             "bands": list(MS_BANDS),
             "wavelengths_nm": [BY_NAME[b].wavelength_nm for b in MS_BANDS],
             "tile_size": tile_size,
+            **({"rgb_tile_size": rgb_tile_size} if rgb_tile_size is not None else {}),
             **({"gsd_m": gsd_m} if gsd_m is not None else {}),
             **attrs,
         }
