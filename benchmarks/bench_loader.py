@@ -8,6 +8,13 @@ at equal workers and batch size; the best of ``--repeats`` epochs is reported. A
 producing batches of the same shapes gives the ceiling that DataLoader's own collate and worker
 IPC impose on this machine.
 
+First, a second table measures what a batch *contains*: the categories per batch that
+``ShardGroupedSampler`` gives over the sorted store order (split, category, location, image)
+and over the shuffled order ``merge_shards`` writes, against batches drawn uniformly at random
+(the obvious alternative, which reads one chunk per sample from all over the store). The
+labels are an fMoW-like table (``--categories`` classes of Zipf-like sizes, locations of 1-10
+revisits); only the order matters, so no pixels are read.
+
     python benchmarks/bench_loader.py --samples 2000 --tile 64 --workers 0 2
 """
 
@@ -25,9 +32,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from deo.data.bands import MS_BANDS
-from deo.data.loader import PretrainDataset, make_loader
+from deo.data.loader import PretrainDataset, ShardGroupedSampler, make_loader
 from deo.data.stats import band_stats, write_stats
-from deo.data.store import ShardWriter, merge_shards
+from deo.data.store import ShardWriter, merge_shards, shuffled_rows
 
 log = logging.getLogger("bench_loader")
 
@@ -55,7 +62,15 @@ def build_zarr(root: Path, s2: np.ndarray, rgb: np.ndarray, samples_per_shard: i
                 )
         shards.append(shard)
     store, table = root / "pretrain.zarr", root / "pretrain.parquet"
-    merge_shards(shards, store, table, samples_per_shard=samples_per_shard, clevel=5, attrs={})
+    merge_shards(
+        shards,
+        store,
+        table,
+        samples_per_shard=samples_per_shard,
+        clevel=5,
+        attrs={},
+        shuffle_seed=0,
+    )
     write_stats(store, band_stats(store, split=None), root / "stats.json")
     return store
 
@@ -134,6 +149,54 @@ def plain_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
     )
 
 
+def fmow_like_categories(n_categories: int, n: int, seed: int) -> np.ndarray:
+    """Category of each sample in sorted store order: Zipf-like class sizes, 1-10 revisits."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, n_categories + 1) ** 0.8
+    sizes = np.maximum(1, np.round(n * weights / weights.sum())).astype(int)
+    cats: list[int] = []
+    for c, size in enumerate(sizes):
+        while size > 0:
+            revisits = min(size, int(rng.integers(1, 11)))
+            cats += [c] * revisits
+            size -= revisits
+    return np.array(cats)
+
+
+def batch_mix(cats: np.ndarray, batches: list[np.ndarray]) -> tuple[float, float, float]:
+    """Mean distinct categories, mean share of the largest category, and the mean total
+    variation distance between a batch's category shares and the whole table's."""
+    overall = np.bincount(cats, minlength=cats.max() + 1) / len(cats)
+    distinct, largest, tvd = [], [], []
+    for b in batches:
+        share = np.bincount(cats[b], minlength=len(overall)) / len(b)
+        distinct.append(np.count_nonzero(share))
+        largest.append(share.max())
+        tvd.append(0.5 * np.abs(share - overall).sum())
+    return float(np.mean(distinct)), float(np.mean(largest)), float(np.mean(tvd))
+
+
+def category_table(n: int, n_categories: int, batch: int, per_shard: int) -> None:
+    cats = fmow_like_categories(n_categories, n, seed=0)
+    sampler = ShardGroupedSampler(np.arange(len(cats)) // per_shard, batch, seed=0)
+    rng = np.random.default_rng(1)
+    uniform = [rng.choice(len(cats), batch, replace=False) for _ in range(len(sampler))]
+    shuffled = shuffled_rows(len(cats), 0)  # store row i holds sorted sample shuffled[i]
+    rows = {
+        "sorted store, shard-grouped batches": [np.asarray(b) for b in sampler.batches(0)],
+        "shuffled store, shard-grouped batches": [shuffled[b] for b in sampler.batches(0)],
+        "uniform random batches (any store)": uniform,
+    }
+    log.info(
+        "%d samples, %d categories, batch %d, %d samples/shard, one epoch (%d batches)",
+        *(len(cats), n_categories, batch, per_shard, len(sampler)),
+    )
+    log.info("| store order, sampler | categories/batch | largest category share | TVD to all |")
+    log.info("|---|---:|---:|---:|")
+    for name, batches in rows.items():
+        log.info("| %s | %.2f | %.3f | %.3f |", name, *batch_mix(cats, batches))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2000)
@@ -142,10 +205,13 @@ def main() -> None:
     parser.add_argument("--samples-per-shard", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--mix-samples", type=int, default=65_536)
+    parser.add_argument("--categories", type=int, default=62, help="fMoW has 62")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("deo").setLevel(logging.WARNING)
     torch.set_num_threads(1)
+    category_table(args.mix_samples, args.categories, args.batch_size, args.samples_per_shard)
 
     s2, rgb = make_data(args.samples, args.tile, seed=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from deo.data.bands import MS_BANDS
 from deo.data.loader import PretrainDataset, ShardGroupedSampler, make_loader
 from deo.data.stats import write_stats
-from deo.data.store import ShardWriter, merge_shards
+from deo.data.store import ShardWriter, merge_shards, shuffled_rows
 from deo.errors import DataError
 
 T = 8
@@ -203,3 +204,61 @@ def test_loader_with_workers_matches_in_process(store: Path) -> None:
     np.testing.assert_allclose(
         first["s2"][0].numpy(), ds[int(first["index"][0])]["s2"].numpy(), rtol=0, atol=0
     )
+
+
+def fmow_like_categories(n_categories: int, n: int, seed: int) -> np.ndarray:
+    """Category of each sample in the sorted store order (category, location, revisit):
+    Zipf-like class sizes, locations of 1-10 revisits each."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, n_categories + 1) ** 0.8
+    sizes = np.maximum(1, np.round(n * weights / weights.sum())).astype(int)
+    cats = []
+    for c, size in enumerate(sizes):
+        while size > 0:
+            revisits = min(size, int(rng.integers(1, 11)))
+            cats += [c] * revisits
+            size -= revisits
+    return np.array(cats)
+
+
+def _log_choose(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) if n >= k else -math.inf
+
+
+def uniform_distinct_moments(counts: np.ndarray, batch: int) -> tuple[float, float]:
+    """Exact mean and standard deviation of the number of distinct categories in a batch drawn
+    uniformly without replacement (hypergeometric: category c absent with prob
+    C(N - n_c, B) / C(N, B); pairs absent together likewise)."""
+    n = int(counts.sum())
+    total = _log_choose(n, batch)
+    absent = np.array([math.exp(_log_choose(n - int(c), batch) - total) for c in counts])
+    both = np.array(
+        [
+            [math.exp(_log_choose(n - int(a) - int(b), batch) - total) for b in counts]
+            for a in counts
+        ]
+    )
+    np.fill_diagonal(both, absent)
+    mean = len(counts) - absent.sum()
+    var = both.sum() - absent.sum() ** 2  # Var(sum of absence indicators)
+    return float(mean), math.sqrt(var)
+
+
+def test_shard_grouped_batches_of_a_shuffled_store_mix_categories_like_uniform_sampling() -> None:
+    cats = fmow_like_categories(16, 16_384, seed=0)
+    n, batch, per_shard = len(cats), 64, 256
+    mean_u, sd_u = uniform_distinct_moments(np.bincount(cats), batch)
+    sampler = ShardGroupedSampler(np.arange(n) // per_shard, batch, seed=1)
+    # Batches of one shard share its composition, so count shards, not batches, as independent:
+    # a conservative 4-sigma bound on the mean over an epoch.
+    bound = 4 * sd_u / math.sqrt(math.ceil(n / per_shard))
+
+    def mean_distinct(store_order: np.ndarray) -> float:
+        at_row = cats[store_order]  # store row i holds sorted sample store_order[i]
+        return float(np.mean([len(np.unique(at_row[b])) for b in sampler.batches(0)]))
+
+    shuffled = mean_distinct(shuffled_rows(n, seed=5))
+    in_order = mean_distinct(np.arange(n))
+    assert 8 < mean_u < 16 and bound < 1
+    assert abs(shuffled - mean_u) <= bound, (shuffled, mean_u, bound)
+    assert abs(in_order - mean_u) > bound and in_order < 3  # the sorted store fails the bound

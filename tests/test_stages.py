@@ -1,5 +1,6 @@
-"""The data stages as functions on a synthetic mirror: fetch over file://, pair, and a harmonise
-shard that is interrupted and resumes to exactly what an uninterrupted run writes."""
+"""The data stages as functions on a synthetic mirror: fetch over file://, pair, a harmonise
+shard that is interrupted and resumes to exactly what an uninterrupted run writes, and the
+merged store's per-sample columns (co-registration, footprint, shuffled order)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ CFG = from_dict(
     {
         "mirror": {"locations_per_category": 2, "images_per_location": 2, "bad_inputs": True},
         "selection": {"splits": ["train", "val", "test"], "max_samples": 1000},
-        "harmonise": {"tile_size": 64, "shards": 2},
-        "store": {"samples_per_shard": 4},
+        "harmonise": {"tile_size": 64, "rgb_tile_size": 96, "shards": 2},
+        "store": {"samples_per_shard": 4, "shuffle_seed": 3, "merge_threads": 2},
         "fetch": {"workers": 2, "backoff_s": 0.01},
         "max_reject_fraction": 0.5,
     },
@@ -123,6 +124,58 @@ def test_interrupted_shard_resumes_to_the_same_result(
     assert ta["key"].tolist() == tb["key"].tolist()
     np.testing.assert_array_equal(a, b)
     assert pd.read_csv(clean.with_suffix(".csv")).equals(pd.read_csv(resumed.with_suffix(".csv")))
+
+
+def test_merged_store_flags_partners_and_rejects_misregistered_ones(
+    pairs: Path, tmp_path: Path
+) -> None:
+    shards = [tmp_path / f"{i}.zarr" for i in range(2)]
+    for i, shard in enumerate(shards):
+        stages.harmonise_shard(pairs, i, 2, CFG.harmonise, True, shard, shard.with_suffix(".csv"))
+    out = tmp_path / "store.zarr"
+    stages.merge(
+        shards,
+        [pairs.parent / "pair_rejects.csv", *(s.with_suffix(".csv") for s in shards)],
+        pairs,
+        CFG,
+        out,
+        tmp_path / "table.parquet",
+        tmp_path / "rejects.csv",
+        tmp_path / "counts.json",
+    )
+    table = pd.read_parquet(tmp_path / "table.parquet")
+    group = zarr.open_group(out, mode="r")
+    rgb = group["rgb"][:]
+    assert rgb.shape == (len(table), 3, 96, 96) and group.attrs["rgb_tile_size"] == 96
+
+    bad = json.loads((pairs.parent / "mirror" / "bad_inputs.json").read_text())
+    misregistered = {b["path"] for b in bad if b["kind"].startswith("misregistered")}
+    rejects = pd.read_csv(tmp_path / "rejects.csv")
+    coreg = rejects[rejects["stage"] == "coreg"]
+    assert {p.split("rgb/", 1)[1] for p in coreg["path"]} == misregistered
+    assert coreg["reason"].str.match(r"co-registration check failed: score -?0\.\d{3} < ").all()
+
+    is_misregistered = table["key"].isin({p.replace("_rgb.jpg", ".tif") for p in misregistered})
+    assert not table.loc[is_misregistered, "has_rgb"].any()
+    assert (table.loc[is_misregistered, "coreg_score"] < CFG.harmonise.coreg_min_score).all()
+    assert (table.loc[table["has_rgb"], "coreg_score"] >= CFG.harmonise.coreg_min_score).all()
+    no_partner = table["pairing"] != "paired"
+    assert table.loc[no_partner, "coreg_score"].isna().all()
+    assert not rgb[~table["has_rgb"].to_numpy()].any() and rgb[table["has_rgb"].to_numpy()].any()
+
+    # the footprint: bounds in the grid CRS, T pixels over it
+    width = table["footprint_right"] - table["footprint_left"]
+    height = table["footprint_top"] - table["footprint_bottom"]
+    assert table["footprint_crs"].str.match(r"EPSG:32[67]\d\d$").all()
+    np.testing.assert_allclose(table["gsd_m_eff"], np.sqrt(width * height) / 64)
+    assert table["gsd_m_eff"].between(7, 16).all()  # the mirror's 48-96 px scenes at 10 m
+
+    # stored in a seeded permutation of the (order, key) order
+    expected = np.sort(table["order"].to_numpy())[np.random.default_rng(3).permutation(len(table))]
+    np.testing.assert_array_equal(table["order"].to_numpy(), expected)
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert counts["rejects_by_stage"]["coreg"] == 2
+    assert counts["partners_stored"] == int(table["has_rgb"].sum())
 
 
 def test_pairing_counts_add_up(pairs: Path) -> None:
