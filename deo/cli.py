@@ -252,6 +252,8 @@ def _plot(a: argparse.Namespace) -> None:
         plots.training_curves(dict(_named_paths(a.kind, a.inputs, "RUN=metrics.csv")), a.out)
     elif a.kind == "data":
         plots.data_counts(Path(a.inputs[0]), a.out)
+    elif a.kind == "coreg":
+        plots.coreg_scores(Path(a.inputs[0]), a.min_score, a.out)
     else:
         by_rule: dict[str, list[Path]] = {}
         for rule, path in _named_paths(a.kind, a.inputs, "RULE=benchmark.tsv"):
@@ -406,13 +408,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
 
     s = cmd("plot", _plot, "a report figure from stage records")
-    s.add_argument("kind", choices=["training", "data", "runtimes"])
+    s.add_argument("kind", choices=["training", "data", "coreg", "runtimes"])
     s.add_argument(
         "inputs",
         nargs="+",
-        help="training: RUN=metrics.csv …; data: counts.json; runtimes: RULE=benchmark.tsv …",
+        help="training: RUN=metrics.csv …; data: counts.json; coreg: pretrain.parquet; "
+        "runtimes: RULE=benchmark.tsv …",
     )
     s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--min-score", type=float, default=0.3, help="coreg: the threshold drawn")
 
     s = cmd("plot-features", _plot_features, "PCA-to-RGB maps of student and teacher features")
     s.add_argument("--teacher", required=True, help="the teacher section (JSON)")

@@ -12,7 +12,13 @@ import torch
 from PIL import Image
 
 from deo.report.features import pca_rgb
-from deo.report.plots import data_counts, rule_runtimes, runtime_table, training_curves
+from deo.report.plots import (
+    coreg_scores,
+    data_counts,
+    rule_runtimes,
+    runtime_table,
+    training_curves,
+)
 
 
 def test_pca_rgb_follows_the_principal_axes() -> None:
@@ -47,7 +53,10 @@ def test_plots_write_images(tmp_path: Path) -> None:
     (tmp_path / "a.tsv").write_text("s\th:m:s\tmax_rss\n1.5\t0:00:01\t100.0\n")
     (tmp_path / "b.tsv").write_text("s\th:m:s\tmax_rss\n0.5\t0:00:00\tNA\n")
     rule_runtimes({"a": [tmp_path / "a.tsv"], "b": [tmp_path / "b.tsv"]}, tmp_path / "r.png")
-    for name in ("t", "c", "r"):
+    scores = {"coreg_score": [0.9, 0.8, 0.1, np.nan, -0.2], "has_rgb": [1, 1, 0, 0, 0]}
+    pd.DataFrame(scores).astype({"has_rgb": bool}).to_parquet(tmp_path / "s.parquet")
+    coreg_scores(tmp_path / "s.parquet", 0.3, tmp_path / "s.png")
+    for name in ("t", "c", "r", "s"):
         with Image.open(tmp_path / f"{name}.png") as image:
             assert image.size[0] > 500 and np.asarray(image).std() > 0
 

@@ -1,4 +1,5 @@
-"""Report figures from the stages' records: training curves, data counts, rule runtimes.
+"""Report figures from the stages' records: training curves, data counts, co-registration
+scores, rule runtimes.
 
 Each function reads the files a stage wrote and saves one PNG; nothing is recomputed.
 """
@@ -14,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # file output only: no display on cluster nodes
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
@@ -65,6 +67,33 @@ def data_counts(counts: Path, out: Path) -> None:
     right.set_title(f"Rejects by reason ({sum(n for _, n in reasons)} in all)")
     right.set_xlabel("inputs")
     right.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts, not fractions
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def coreg_scores(table: Path, min_score: float, out: Path) -> None:
+    """Histogram of the partners' co-registration scores, kept and rejected, with the threshold.
+
+    Reads the store's table (``coreg_score``, ``has_rgb``); scenes without a partner have no
+    score, partners too small or flat to score are counted in the title.
+    """
+    df = pd.read_parquet(table, columns=["coreg_score", "has_rgb"])
+    scored = df[df["coreg_score"].notna()]
+    kept = scored.loc[scored["has_rgb"], "coreg_score"]
+    dropped = scored.loc[~scored["has_rgb"], "coreg_score"]
+    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    bins = np.linspace(-1, 1, 41)
+    ax.hist([kept, dropped], bins=bins, stacked=True, color=["#55a868", "#c44e52"])
+    ax.axvline(min_score, color="black", linestyle="--")
+    ax.text(min_score, ax.get_ylim()[1] * 0.95, f" coreg_min_score = {min_score:g}", va="top")
+    ax.legend([f"kept as partner ({len(kept)})", f"rejected, kept MS-only ({len(dropped)})"])
+    ax.set_xlabel("co-registration score (Pearson r of local luminance detail)")
+    ax.set_ylabel("scenes")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(
+        f"Aerial partners vs Sentinel-2: {len(scored)} scored, "
+        f"{int(df['coreg_score'].isna().sum())} scenes without a score"
+    )
     fig.savefig(out, dpi=100)
     plt.close(fig)
 

@@ -379,6 +379,7 @@ def all_targets():
         *expand("results/train/{run}/export", run=RUNS),
         "results/report/training.png",
         "results/report/data_counts.png",
+        "results/report/coreg.png",
         "results/report/runtimes.png",
         *expand("results/report/features_{run}.png", run=RUNS),
         "results/summary.csv",

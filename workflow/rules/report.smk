@@ -34,6 +34,25 @@ rule plot_data:
         "deo plot data {input} --out {output} 2> {log}"
 
 
+rule plot_coreg:
+    input:
+        "results/data/pretrain.parquet",
+    output:
+        report(
+            "results/report/coreg.png",
+            caption="../report/coreg.rst",
+            category="Data",
+        ),
+    log:
+        "logs/report/plot_coreg.log",
+    conda:
+        ENV
+    params:
+        min_score=DATA["harmonise"]["coreg_min_score"],
+    shell:
+        "deo plot coreg {input} --min-score {params.min_score} --out {output} 2> {log}"
+
+
 rule plot_features:
     input:
         unpack(feature_inputs),
