@@ -182,6 +182,7 @@ rule merge:
         "results/benchmarks/merge.tsv"
     conda:
         ENV
+    threads: DATA["store"]["merge_threads"]
     params:
         data=data_params(
             "mirror", "sentinel", "rgb", "harmonise", "store", "max_reject_fraction"
