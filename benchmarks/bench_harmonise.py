@@ -4,8 +4,10 @@ Writes a synthetic mirror (``deo.data.mirror``, no broken inputs) of about ``--s
 to a temporary directory, extracts it, then times three passes over the same files:
 
 - bare read: ``rasterio.open(path).read()`` of all 13 bands, the floor any reader pays;
-- ``read_s2``: validation, the 10 model bands warped onto the ``--tile`` UTM grid;
-- ``read_s2`` + ``read_rgb``: plus the RGB partner decoded and co-registered where it exists.
+- ``read_s2``: validation, the 10 model bands warped onto the ``--tile`` UTM grid (``--tiling``);
+- ``read_s2`` + ``read_rgb``: plus the RGB partner decoded and warped onto ``--rgb-tile`` px
+  over the same footprint where it exists;
+- the same + the co-registration check (``deo.data.coreg``) of each pair.
 
 Each pass runs ``--repeats`` times, interleaved, after one warm-up round (files in the page
 cache), and its best time is reported. Everything runs in this one process, so scenes/s is per core.
@@ -25,9 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import rasterio
+from affine import Affine
 
 from deo.config import HarmoniseConfig, MirrorConfig, SentinelSource
-from deo.data.harmonise import read_rgb, read_s2
+from deo.data.coreg import coreg_score
+from deo.data.harmonise import read_rgb, read_s2, rgb_coverage
 from deo.data.mirror import write_mirror
 
 log = logging.getLogger("bench_harmonise")
@@ -79,12 +83,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=128, help="about this many scenes")
     parser.add_argument("--tile", type=int, default=64, help="harmonised tile size (pixels)")
+    parser.add_argument("--rgb-tile", type=int, default=128, help="aerial tile size (pixels)")
+    parser.add_argument("--tiling", choices=["resize", "fixed_gsd"], default="resize")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("deo").setLevel(logging.WARNING)
-    cfg = HarmoniseConfig(tile_size=args.tile, max_nodata_fraction=1.0)
+    cfg = HarmoniseConfig(
+        tile_size=args.tile,
+        rgb_tile_size=args.rgb_tile,
+        tiling=args.tiling,
+        max_nodata_fraction=1.0,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -112,15 +123,32 @@ def main() -> None:
                 if jpg is not None and meta is not None:
                     read_rgb(jpg, meta, grid, cfg)
 
+        def with_check() -> None:
+            for tif, jpg, meta in scenes:
+                s2, grid, _ = read_s2(tif, cfg)
+                if jpg is not None and meta is not None:
+                    rgb, info = read_rgb(jpg, meta, grid, cfg)
+                    tile = grid.resized(cfg.rgb_tile_size)
+                    shape = info["rgb_src_shape"]
+                    covered = rgb_coverage(tile, Affine(*info["rgb_transform"]), shape)
+                    coreg_score(s2, grid, rgb, tile, covered, nodata=0, gsd_m=cfg.gsd_m)
+
         passes = {
             "bare `rasterio.open().read()`": bare,
             "`read_s2`": s2_only,
             "`read_s2` + `read_rgb`": s2_and_rgb,
+            "`read_s2` + `read_rgb` + co-registration check": with_check,
         }
         timings = best_times(passes, args.repeats)
 
     floor = timings["bare `rasterio.open().read()`"]
-    log.info("tile %d px at %.0f m, best of %d", args.tile, cfg.gsd_m, args.repeats)
+    log.info(
+        "tile %d px (%s), rgb %d px, best of %d",
+        args.tile,
+        args.tiling,
+        args.rgb_tile,
+        args.repeats,
+    )
     log.info("| method | scenes | seconds | scenes/s per core | ratio to bare read |")
     log.info("|---|---:|---:|---:|---:|")
     for name, seconds in timings.items():

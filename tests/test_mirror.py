@@ -16,6 +16,7 @@ import rasterio
 from PIL import Image
 from rasterio.io import MemoryFile
 
+import deo.data.mirror as mirror_mod
 from deo.config import MirrorConfig, SentinelSource
 from deo.data.bands import SENTINEL2_BANDS
 from deo.data.fmow import CSV_COLUMNS
@@ -193,6 +194,27 @@ def test_bad_inputs_exist_and_are_listed(mirror) -> None:
     }.items():
         with MemoryFile(members[PREFIX + by_kind[kind]]) as mem, mem.open() as src:
             assert check(src, src.read()), kind
+
+
+def test_misregistered_partners_keep_valid_metadata_but_show_displaced_ground(
+    mirror, tmp_path: Path
+) -> None:
+    out, summary = mirror
+    listed = {b["kind"]: b["path"] for b in summary.bad_inputs}
+    for kind in ("misregistered_shift", "misregistered_scale"):
+        jpg = out / "rgb" / listed[kind]
+        assert jpg.name.endswith("_rgb.jpg")
+        # the same partner written correctly: identical metadata, other pixels
+        scene = next(
+            s for s in mirror_mod._plan(CFG, list(SOURCE.csvs)) if s.rgb_relpaths[0] == listed[kind]
+        )
+        mirror_mod._write_rgb(scene, tmp_path / kind, CFG.rgb_size_px, None)
+        right = tmp_path / kind / listed[kind]
+        assert jpg.with_suffix(".json").read_text() == right.with_suffix(".json").read_text()
+        with Image.open(jpg) as wrong_im, Image.open(right) as right_im:
+            wrong, good = np.asarray(wrong_im, float), np.asarray(right_im, float)
+        assert wrong.shape == good.shape and np.abs(wrong - good).mean() > 5, kind
+    assert mirror_mod.MISREGISTER_SHIFT_M >= 100 and mirror_mod.MISREGISTER_SCALE >= 1.5
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path) -> None:

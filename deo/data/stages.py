@@ -231,7 +231,7 @@ def _check_coreg(
     tile = grid.resized(cfg.rgb_tile_size)
     covered = rgb_coverage(tile, Affine(*rgb_info["rgb_transform"]), rgb_info["rgb_src_shape"])
     score, n = coreg_score(s2, grid, rgb, tile, covered, nodata=cfg.nodata, gsd_m=cfg.gsd_m)
-    rgb_info |= {"coreg_score": score, "coreg_pixels": n}
+    rgb_info["coreg_pixels"] = n
     if passes(score, cfg.coreg_min_score):
         return score, None
     if math.isnan(score):
