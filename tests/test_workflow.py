@@ -64,8 +64,10 @@ def test_store_follows_the_contract(workdir: Path) -> None:
     table = pd.read_parquet(data / "pretrain.parquet")
     cfg = yaml.safe_load((workdir / "config/config.yaml").read_text())["data"]
     tile, per_shard = cfg["harmonise"]["tile_size"], cfg["store"]["samples_per_shard"]
+    r = cfg["harmonise"]["rgb_tile_size"]
     assert s2.dtype == np.uint16 and s2.shape == (len(table), 10, tile, tile)
-    assert rgb.dtype == np.uint8 and rgb.shape == (len(table), 3, tile, tile)
+    assert rgb.dtype == np.uint8 and rgb.shape == (len(table), 3, r, r)
+    assert group.attrs["rgb_tile_size"] == r
     assert s2.chunks == (1, 10, tile, tile) and s2.shards == (per_shard, 10, tile, tile)
     codecs = json.dumps(s2.metadata.to_dict()["codecs"])
     assert '"cname": "zstd"' in codecs and '"shuffle": "bitshuffle"' in codecs
@@ -82,6 +84,10 @@ def test_store_follows_the_contract(workdir: Path) -> None:
     assert attrs["stats"]["B04"]["std"] == pytest.approx(valid.std(), rel=1e-9)
     assert table["has_rgb"].sum() > 0 and not rgb[np.flatnonzero(~table["has_rgb"])].any()
     assert np.asarray(s2[np.flatnonzero(table["has_rgb"])[0]]).any()
+    columns = {"coreg_score", "gsd_m_eff", "footprint_crs", "footprint_left", "footprint_top"}
+    assert columns <= set(table.columns) and table["gsd_m_eff"].gt(0).all()
+    assert (table.loc[table["has_rgb"], "coreg_score"] >= cfg["harmonise"]["coreg_min_score"]).all()
+    assert not table["order"].is_monotonic_increasing  # stored in a seeded random order
 
 
 def test_every_selected_input_is_stored_or_rejected(workdir: Path) -> None:
@@ -107,6 +113,8 @@ REASONS = {
     "corrupt_jpeg": "corrupt or truncated JPEG",
     "bad_json": "unreadable JSON",
     "missing_rgb": "partner download failed",
+    "misregistered_shift": "co-registration check failed",
+    "misregistered_scale": "co-registration check failed",
 }
 
 
@@ -152,7 +160,7 @@ def test_report_holds_every_figure_with_its_caption(workdir: Path, tmp_path: Pat
     with zipfile.ZipFile(tmp_path / "report.zip") as archive:
         names = {Path(n).name for n in archive.namelist()}
         html = archive.read("report/report.html").decode()
-    figures = ["training.png", "data_counts.png", "runtimes.png", "features_deo.png"]
+    figures = ["training.png", "data_counts.png", "coreg.png", "runtimes.png", "features_deo.png"]
     assert set(figures) | {"summary.html", "metrics.csv", "rejects.csv"} <= names
     for caption in (ROOT / "workflow/report").glob("*.rst"):
         opening = " ".join(caption.read_text().split()[:4])

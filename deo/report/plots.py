@@ -83,16 +83,22 @@ def coreg_scores(table: Path, min_score: float, out: Path) -> None:
     dropped = scored.loc[~scored["has_rgb"], "coreg_score"]
     fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
     bins = np.linspace(-1, 1, 41)
-    ax.hist([kept, dropped], bins=bins, stacked=True, color=["#55a868", "#c44e52"])
-    ax.axvline(min_score, color="black", linestyle="--")
-    ax.text(min_score, ax.get_ylim()[1] * 0.95, f" coreg_min_score = {min_score:g}", va="top")
-    ax.legend([f"kept as partner ({len(kept)})", f"rejected, kept MS-only ({len(dropped)})"])
+    ax.hist(
+        [kept, dropped],
+        bins=bins,
+        stacked=True,
+        color=["#55a868", "#c44e52"],
+        label=[f"kept as partner ({len(kept)})", f"rejected, scene kept MS-only ({len(dropped)})"],
+    )
+    ax.axvline(min_score, color="black", linestyle="--", label=f"coreg_min_score = {min_score:g}")
+    ax.legend(loc="upper left")
     ax.set_xlabel("co-registration score (Pearson r of local luminance detail)")
     ax.set_ylabel("scenes")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    unscored = int(df["coreg_score"].isna().sum())
     ax.set_title(
-        f"Aerial partners vs Sentinel-2: {len(scored)} scored, "
-        f"{int(df['coreg_score'].isna().sum())} scenes without a score"
+        f"Aerial partners vs Sentinel-2: {len(scored)} scored; "
+        f"{unscored} scenes without a partner or too little overlap to score"
     )
     fig.savefig(out, dpi=100)
     plt.close(fig)
