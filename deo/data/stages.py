@@ -156,6 +156,10 @@ def harmonise_shard(
 ) -> None:
     """Harmonise every ``n_shards``-th scene starting at ``shard`` into a shard store.
 
+    A partner that fails the co-registration check (``deo.data.coreg``) is recorded in
+    ``rejects`` with its score and the scene is kept MS-only (``has_rgb`` false, blank ``rgb``):
+    the Sentinel scene itself is fine, and training builds its optical channels from B04/B03/B02.
+
     Work goes to ``<out>.partial`` (not a Snakemake output, so it survives a failed or killed
     job); a rerun skips the scenes already written and renames the shard into place at the end.
     """
