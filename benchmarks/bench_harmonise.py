@@ -27,11 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import rasterio
-from affine import Affine
 
 from deo.config import HarmoniseConfig, MirrorConfig, SentinelSource
-from deo.data.coreg import coreg_score
-from deo.data.harmonise import read_rgb, read_s2, rgb_coverage
+from deo.data.coreg import check_partner
+from deo.data.harmonise import read_rgb, read_s2
 from deo.data.mirror import write_mirror
 
 log = logging.getLogger("bench_harmonise")
@@ -128,10 +127,7 @@ def main() -> None:
                 s2, grid, _ = read_s2(tif, cfg)
                 if jpg is not None and meta is not None:
                     rgb, info = read_rgb(jpg, meta, grid, cfg)
-                    tile = grid.resized(cfg.rgb_tile_size)
-                    shape = info["rgb_src_shape"]
-                    covered = rgb_coverage(tile, Affine(*info["rgb_transform"]), shape)
-                    coreg_score(s2, grid, rgb, tile, covered, nodata=0, gsd_m=cfg.gsd_m)
+                    check_partner(s2, grid, rgb, info, cfg, str(jpg))
 
         passes = {
             "bare `rasterio.open().read()`": bare,

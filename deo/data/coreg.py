@@ -23,13 +23,17 @@ local-detail r separates them (correct ≥ 0.43, 5th percentile 0.83; mis-regist
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
+from deo.config import HarmoniseConfig
 from deo.data.bands import MS_BANDS
-from deo.data.harmonise import TargetGrid
+from deo.data.harmonise import TargetGrid, rgb_coverage
+from deo.data.rejects import Reject
 
 VISIBLE = [MS_BANDS.index(b) for b in ("B04", "B03", "B02")]
 RADIUS = 4
@@ -114,3 +118,35 @@ def _average_onto(data: np.ndarray, src: TargetGrid, dst: TargetGrid) -> np.ndar
 def passes(score: float, min_score: float) -> bool:
     """Whether a pair is used: a NaN score (not enough overlap to tell) does not pass."""
     return not math.isnan(score) and score >= min_score
+
+
+def check_partner(
+    s2: np.ndarray,
+    grid: TargetGrid,
+    rgb: np.ndarray,
+    rgb_info: dict[str, Any],
+    cfg: HarmoniseConfig,
+    jpg: str,
+) -> tuple[float, Reject | None]:
+    """The pair's score, and the reject (stage ``coreg``, with the score) when it fails.
+
+    ``rgb`` and ``rgb_info`` are what ``read_rgb`` returned for ``grid``; the number of pixels
+    scored is added to ``rgb_info``.
+    """
+    tile = grid.resized(cfg.rgb_tile_size)
+    covered = rgb_coverage(tile, Affine(*rgb_info["rgb_transform"]), rgb_info["rgb_src_shape"])
+    score, n = coreg_score(s2, grid, rgb, tile, covered, nodata=cfg.nodata, gsd_m=cfg.gsd_m)
+    rgb_info["coreg_pixels"] = n
+    if passes(score, cfg.coreg_min_score):
+        return score, None
+    if math.isnan(score):
+        reason = (
+            f"co-registration not checkable: {n} Sentinel pixels covered by the partner "
+            "(or no contrast); kept as MS-only"
+        )
+    else:
+        reason = (
+            f"co-registration check failed: score {score:.3f} < data.harmonise.coreg_min_score "
+            f"{cfg.coreg_min_score} over {n} pixels; kept as MS-only"
+        )
+    return score, Reject(jpg, "coreg", reason)

@@ -99,6 +99,18 @@ class TargetGrid:
         """Ground sampling distance in metres: the geometric mean of the pixel's two sides."""
         return math.sqrt(abs(self.transform.a * self.transform.e))
 
+    def footprint(self) -> dict[str, Any]:
+        """The store table's footprint columns: CRS, bounds and effective GSD."""
+        left, bottom, right, top = self.bounds
+        return {
+            "footprint_crs": self.crs.to_string(),
+            "footprint_left": left,
+            "footprint_bottom": bottom,
+            "footprint_right": right,
+            "footprint_top": top,
+            "gsd_m_eff": self.gsd_m_eff,
+        }
+
     def resized(self, size: int) -> TargetGrid:
         """The same footprint on ``size`` × ``size`` pixels."""
         left, bottom, right, top = self.bounds

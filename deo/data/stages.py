@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from affine import Affine
 
 from deo import __version__
 from deo.config import DataConfig, HarmoniseConfig, SelectionConfig, SentinelSource, digest, to_dict
 from deo.data import fmow
-from deo.data.coreg import coreg_score, passes
+from deo.data.coreg import check_partner
 from deo.data.extract import extract_tar, write_skipped_csv
 from deo.data.fetch import FetchItem, FetchResult, fetch_all, require_ok
-from deo.data.harmonise import TargetGrid, read_rgb, read_s2, rgb_coverage
+from deo.data.harmonise import read_rgb, read_s2
 from deo.data.pair import pair_scenes
 from deo.data.rejects import Reject, check_reject_fraction, read_rejects, write_rejects
 from deo.data.store import ShardWriter, merge_shards
@@ -212,7 +211,7 @@ def _harmonise_scenes(
             except DataError as e:
                 found.append(Reject(e.path, "harmonise", e.problem))
         if rgb is not None:
-            score, reject = _check_coreg(s2, grid, rgb, rgb_info, cfg, scene.rgb_jpg)
+            score, reject = check_partner(s2, grid, rgb, rgb_info, cfg, scene.rgb_jpg)
             if reject is not None:
                 found.append(reject)
                 rgb = None
@@ -220,49 +219,7 @@ def _harmonise_scenes(
         if with_rgb and rgb is None:
             rgb = _blank_rgb(cfg.rgb_tile_size)
         meta = _sample_meta(scene, rgb_info, s2_info, has_rgb=has_rgb)
-        writer.write(position, s2, rgb, meta | _placement(grid, score))
-
-
-def _check_coreg(
-    s2: np.ndarray,
-    grid: TargetGrid,
-    rgb: np.ndarray,
-    rgb_info: dict,
-    cfg: HarmoniseConfig,
-    jpg: str,
-) -> tuple[float, Reject | None]:
-    """The pair's co-registration score, and the reject when the partner fails the check."""
-    tile = grid.resized(cfg.rgb_tile_size)
-    covered = rgb_coverage(tile, Affine(*rgb_info["rgb_transform"]), rgb_info["rgb_src_shape"])
-    score, n = coreg_score(s2, grid, rgb, tile, covered, nodata=cfg.nodata, gsd_m=cfg.gsd_m)
-    rgb_info["coreg_pixels"] = n
-    if passes(score, cfg.coreg_min_score):
-        return score, None
-    if math.isnan(score):
-        reason = (
-            f"co-registration not checkable: {n} Sentinel pixels covered by the partner "
-            "(or no contrast); kept as MS-only"
-        )
-    else:
-        reason = (
-            f"co-registration check failed: score {score:.3f} < data.harmonise.coreg_min_score "
-            f"{cfg.coreg_min_score} over {n} pixels; kept as MS-only"
-        )
-    return score, Reject(jpg, "coreg", reason)
-
-
-def _placement(grid: TargetGrid, score: float) -> dict:
-    """Footprint, effective GSD and co-registration score columns of a sample."""
-    left, bottom, right, top = grid.bounds
-    return {
-        "footprint_crs": grid.crs.to_string(),
-        "footprint_left": left,
-        "footprint_bottom": bottom,
-        "footprint_right": right,
-        "footprint_top": top,
-        "gsd_m_eff": grid.gsd_m_eff,
-        "coreg_score": score,
-    }
+        writer.write(position, s2, rgb, meta | grid.footprint() | {"coreg_score": score})
 
 
 def _blank_rgb(size: int) -> np.ndarray:
