@@ -150,6 +150,42 @@ def test_resize_keeps_scenes_of_any_size(tmp_path: Path, height: int, width: int
         assert read_s2(path, fixed)[1].gsd_m_eff == 10
 
 
+def test_resize_loses_no_mirror_scene_of_10_to_600_px(tmp_path: Path) -> None:
+    cfg = MirrorConfig(
+        categories=("airport", "port"),
+        locations_per_category=2,
+        images_per_location=2,
+        ms_only_images_per_location=0,
+        size_px=(10, 600),
+        bad_inputs=False,
+    )
+    source = SentinelSource()
+    write_mirror(
+        cfg,
+        tmp_path,
+        csvs=source.csvs,
+        archive=source.archive,
+        archive_prefix=source.archive_prefix,
+    )
+    with tarfile.open(tmp_path / "sentinel" / source.archive) as tar:
+        tar.extractall(tmp_path / "scenes", filter="data")
+    tifs = sorted((tmp_path / "scenes").rglob("*.tif"))
+    shapes = []
+    for tif in tifs:
+        with rasterio.open(tif) as src:
+            shapes.append(src.shape)
+    assert len(tifs) == 8 and min(map(min, shapes)) < 100 and max(map(max, shapes)) > 400
+    fixed_rejects = 0
+    for tif in tifs:
+        out, _, info = read_s2(tif, HarmoniseConfig(tile_size=64))
+        assert out.shape == (10, 64, 64) and info["nodata_fraction"] < 0.05
+        try:
+            read_s2(tif, HarmoniseConfig(tile_size=224, tiling=FIXED))
+        except DataError:
+            fixed_rejects += 1
+    assert fixed_rejects >= 1  # what the old cut/pad policy loses
+
+
 def _checkerboard_partner(tmp_path: Path, square_px: int) -> tuple[Path, Path]:
     """A 400 × 400 px, 1 m JPEG of black and white squares, placed by its gsd (no boxes)."""
     rows, cols = np.mgrid[0:400, 0:400]
