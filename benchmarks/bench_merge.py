@@ -7,7 +7,9 @@ value and for the sorted and the shuffled order. Each configuration's best of ``
 is reported with ms per sample (wall and CPU) and the extrapolated hours for 500K samples.
 The work per output shard (gathering its samples, Blosc zstd compression, which releases the
 GIL, and writing its file) runs in ``threads`` threads, so the speed-up is bounded by the cores
-that are free: compare runs on the same machine only.
+that are free: compare runs on the same machine only. Zarr itself already compresses the chunks
+of one shard write in its own thread pool (``--zarr-workers`` caps it, e.g. at 1 to see what
+the merge's threads add on their own).
 
     python benchmarks/bench_merge.py --samples 1024 --tile 224 --rgb-tile 256 --threads 1 4 8
 """
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from deo.data.bands import MS_BANDS
 from deo.data.store import ShardWriter, merge_shards
@@ -66,7 +69,15 @@ def main() -> None:
     parser.add_argument("--samples-per-shard", type=int, default=64)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--zarr-workers",
+        type=int,
+        default=None,
+        help="zarr's own codec thread pool (threading.max_workers; default: zarr's, per core)",
+    )
     args = parser.parse_args()
+    if args.zarr_workers is not None:
+        zarr.config.set({"threading.max_workers": args.zarr_workers})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("deo").setLevel(logging.WARNING)
 
@@ -103,7 +114,11 @@ def main() -> None:
         args.repeats,
     )
     base = best[(args.threads[0], "sorted")]
-    log.info("%d CPU cores visible", os.cpu_count() or 0)
+    log.info(
+        "%d CPU cores visible, zarr codec threads: %s",
+        os.cpu_count() or 0,
+        zarr.config.get("threading.max_workers") or "zarr default",
+    )
     log.info(
         "| threads | order | seconds | ms/sample | CPU ms/sample | speed-up | hours for 500K |"
     )
