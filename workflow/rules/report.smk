@@ -72,3 +72,39 @@ rule plot_runtimes:
         jobs=runtime_args(),
     shell:
         "deo plot runtimes {params.jobs} --out {output} 2> {log}"
+
+
+rule dump_views:
+    input:
+        store="results/data/pretrain.zarr",
+        table="results/data/pretrain.parquet",
+        stats="results/data/stats.json",
+    output:
+        directory("results/views/{run}"),
+    log:
+        "logs/views/{run}.log",
+    conda:
+        ENV
+    params:
+        train=lambda wildcards: train_params(wildcards.run),
+    shell:
+        "deo views --train {params.train:q} --store {input.store} --table {input.table}"
+        " --out {output} --batches 1 2> {log}"
+
+
+rule plot_views:
+    input:
+        "results/views/{run}",
+    output:
+        report(
+            "results/report/views_{run}.png",
+            caption="../report/views.rst",
+            category="Training",
+            subcategory="{run}",
+        ),
+    log:
+        "logs/report/plot_views_{run}.log",
+    conda:
+        ENV
+    shell:
+        "deo plot views {input}/batch_0000.npz --out {output} 2> {log}"
