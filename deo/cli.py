@@ -158,18 +158,25 @@ def _train(a: argparse.Namespace) -> None:
 
 def _views(a: argparse.Namespace) -> None:
     """The first training batches as the model sees them (``deo.report.views``)."""
+    from deo.cache.spec import split_teacher_section
     from deo.report.views import dump_views
-    from deo.train.config import parse_train, run_config
+    from deo.train.config import parse_teacher, parse_train, run_config
 
     if a.train is not None:
-        train = json.loads(a.train)
+        train, teacher = json.loads(a.train), json.loads(a.teacher or "null")
     else:
         from deo.workflow import resolve_config
 
         if a.run is None:
             raise ConfigError("deo views: --run NAME is needed with --configfile")
-        train = run_config(resolve_config(a.configfile)["train"], a.run)
-    dump_views(parse_train(train), a.store, a.table, a.out, a.batches, device=a.device)
+        config = resolve_config(a.configfile)
+        train, teacher = run_config(config["train"], a.run), config["teacher"]
+    cache = None
+    if a.teacher_cache is not None:
+        if teacher is None:
+            raise ConfigError("deo views: --teacher-cache needs --teacher (or --configfile)")
+        cache = (a.teacher_cache, parse_teacher(split_teacher_section(teacher)[0]))
+    dump_views(parse_train(train), a.store, a.table, a.out, a.batches, a.device, cache)
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -408,6 +415,8 @@ def _parser() -> argparse.ArgumentParser:
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--configfile", nargs="+", help="config files, as Snakemake's (with --run)")
     which.add_argument("--train", help="a run's resolved train section (JSON), as deo train's")
+    s.add_argument("--teacher", help="the teacher section (JSON), with --train and a cache")
+    s.add_argument("--teacher-cache", type=Path, help="a cached run's cache: its global views")
     s.add_argument("--run", help="the train run whose views to write (with --configfile)")
     s.add_argument("--store", type=Path, default=Path("results/data/pretrain.zarr"))
     s.add_argument("--table", type=Path, default=Path("results/data/pretrain.parquet"))

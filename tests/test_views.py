@@ -8,12 +8,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fakes import TINY_TRAIN, write_c1_store
+from fakes import TINY_TEACHER, TINY_TRAIN, write_c1_store, write_store
+from torch.utils.data import default_collate
 
+from deo.cache.build import build_part, finalise
+from deo.cache.reader import CachedTargets
+from deo.cache.spec import CacheConfig, GlobalViews
 from deo.cli import main
 from deo.data.bands import MS_BANDS
+from deo.data.loader import PretrainDataset
 from deo.data.model_input import MODEL_BANDS
+from deo.data.stats import read_stats
 from deo.report.views import plot_views
+from deo.train.config import parse_teacher, parse_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,3 +90,36 @@ def test_views_follow_the_run_seed_and_plot(store, tmp_path) -> None:
     assert not np.array_equal(a["global_ms"], c["global_ms"])
     plot_views(tmp_path / "a" / "batch_0000.npz", tmp_path / "views.png")
     assert (tmp_path / "views.png").stat().st_size > 10_000
+
+
+def test_a_cached_run_shows_the_cached_global_views(tmp_path) -> None:
+    """With a teacher cache the global views are cached ones (training replays them)."""
+    store = write_store(tmp_path / "store", n=12)
+    views = GlobalViews.from_train(parse_train(TINY_TRAIN))
+    teacher = parse_teacher(TINY_TEACHER)
+    build_part(*store, teacher, views, CacheConfig(batch_size=4), 0, tmp_path / "w", tmp_path / "p")
+    finalise([tmp_path / "p"], tmp_path / "cache.zarr")
+    args = ["views", "--train", json.dumps(TINY_TRAIN), "--teacher", json.dumps(TINY_TEACHER)]
+    args += ["--teacher-cache", str(tmp_path / "cache.zarr"), "--store", str(store[0])]
+    args += ["--table", str(store[1]), "--out", str(tmp_path / "v"), "--batches", "1"]
+    assert main(args) == 0
+    d = np.load(tmp_path / "v" / "batch_0000.npz")
+    cache = CachedTargets(tmp_path / "cache.zarr")
+    multicrop = views.multicrop(read_stats(store[0]))
+    batch = default_collate(
+        PretrainDataset(*store, with_rgb=True).__getitems__(d["index"].tolist())
+    )
+    size = views.global_size
+    for slot in range(2):
+        candidates = [
+            multicrop.apply(
+                batch["s2"],
+                batch["rgb"],
+                batch["has_rgb"],
+                cache.read(d["index"], np.full(len(d["index"]), k))[0],
+                size,
+            ).numpy()
+            for k in range(slot, cache.k, 2)
+        ]
+        for i in range(len(d["index"])):
+            assert any(np.array_equal(d["global_ms"][slot, i], c[i]) for c in candidates)

@@ -19,9 +19,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from deo.cache.reader import CachedTargets
+from deo.cache.spec import GlobalViews
 from deo.data.model_input import MODEL_BANDS
 from deo.data.store import open_store, read_store_table
 from deo.errors import DataError
+from deo.models.teacher import TeacherConfig
 from deo.train.config import TrainConfig
 from deo.train.inputs import render_views, training_data, view_generator
 
@@ -33,9 +36,18 @@ LOCALS_SHOWN = 2
 
 
 def dump_views(
-    cfg: TrainConfig, store: Path, table: Path, out: Path, batches: int, device: str = "cpu"
+    cfg: TrainConfig,
+    store: Path,
+    table: Path,
+    out: Path,
+    batches: int,
+    device: str = "cpu",
+    cache: tuple[Path, TeacherConfig] | None = None,
 ) -> list[Path]:
     """The first ``batches`` training batches' views, one ``batch_NNNN.npz`` each in ``out``.
+
+    With ``cache`` (the teacher cache of a ``teacher.mode: cached`` run and the teacher config,
+    checked as training checks it) the global views are the cached ones training replays.
 
     Arrays: ``global_ms`` ``(2, B, 10, H, W)`` and ``local_ms`` ``(n, B, 10, h, w)`` (normalised
     model input), ``global_rgb`` / ``local_rgb`` (the optical input of each view: its channels
@@ -45,6 +57,10 @@ def dump_views(
     if batches < 1:
         raise ValueError(f"batches must be >= 1, got {batches}")
     data = training_data(cfg, store, table)
+    targets = None
+    if cache is not None:
+        targets = CachedTargets(cache[0])
+        targets.verify_run(cache[1], store, table, GlobalViews.of(data.multicrop))
     keys = read_store_table(table, open_store(store))["key"].to_numpy()
     generator = view_generator(cfg, rank=0)
     sampler = data.loader.batch_sampler
@@ -56,7 +72,7 @@ def dump_views(
     for i, batch in enumerate(data.loader):
         if i == batches:
             break
-        views, _ = render_views(data.multicrop, batch, generator, torch.device(device))
+        views, _ = render_views(data.multicrop, batch, generator, torch.device(device), targets)
         rows = batch["index"].numpy()
         small = (len(rows), len(MODEL_BANDS), data.multicrop.local_size, data.multicrop.local_size)
         has_rgb = batch.get("has_rgb", torch.zeros(len(rows), dtype=torch.bool))
@@ -124,7 +140,7 @@ def plot_views(npz: Path, out: Path, samples: int = 4) -> None:
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.set_title(title, fontsize="x-small")
-        axes[i, 0].set_ylabel(str(d["keys"][i]), fontsize="x-small")
+        axes[i, 0].set_ylabel(Path(str(d["keys"][i])).stem, fontsize="x-small")
     fig.suptitle("What the model sees: the first training batch's views (optical, MS false colour)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)

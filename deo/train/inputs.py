@@ -57,7 +57,7 @@ def render_views(
 ) -> tuple[MultiCropBatch, list[TeacherOutputs] | None]:
     """A loader batch's views on ``device`` and, with a teacher cache, the replayed targets.
 
-    Raw integers travel to the device (4 or 2 bytes a pixel less than floats); the views are
+    Raw integers travel to the device (a half or a quarter of float32's bytes); the views are
     cut, scaled, augmented and normalised there.
     """
     ms = batch["s2"].to(device, non_blocking=True)

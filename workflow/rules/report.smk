@@ -76,9 +76,7 @@ rule plot_runtimes:
 
 rule dump_views:
     input:
-        store="results/data/pretrain.zarr",
-        table="results/data/pretrain.parquet",
-        stats="results/data/stats.json",
+        unpack(distill_inputs),
     output:
         directory("results/views/{run}"),
     log:
@@ -87,9 +85,11 @@ rule dump_views:
         ENV
     params:
         train=lambda wildcards: train_params(wildcards.run),
+        teacher=teacher_params(),
+        cache=teacher_cache_arg,
     shell:
-        "deo views --train {params.train:q} --store {input.store} --table {input.table}"
-        " --out {output} --batches 1 2> {log}"
+        "deo views --train {params.train:q} --teacher {params.teacher:q} {params.cache}"
+        " --store {input.store} --table {input.table} --out {output} --batches 1 2> {log}"
 
 
 rule plot_views:
