@@ -29,13 +29,14 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from torch.utils.data import default_collate
 
 from deo.cache.build import build_part, finalise
 from deo.cache.reader import CachedTargets
 from deo.cache.spec import CacheConfig, GlobalViews, split_teacher_section
 from deo.data.bands import MS_BANDS
 from deo.data.loader import PretrainDataset
-from deo.data.stats import band_stats, write_stats
+from deo.data.stats import band_stats, read_stats, write_stats
 from deo.data.store import ShardWriter, merge_shards
 from deo.models.teacher import TeacherConfig, VFMTeacher
 from deo.train.config import parse_teacher, parse_train, run_config
@@ -56,7 +57,10 @@ def write_store(root: Path, n: int, tile: int) -> tuple[Path, Path]:
             s2 = rng.normal(1500, 400, (len(MS_BANDS), tile, tile)).clip(1, 10000)
             rgb = rng.integers(0, 256, (3, tile, tile), dtype=np.uint8)
             writer.write(
-                i, s2.astype(np.uint16), rgb, {"key": f"s{i}", "order": i, "split": "train"}
+                i,
+                s2.astype(np.uint16),
+                rgb,
+                {"key": f"s{i}", "order": i, "split": "train", "has_rgb": True},
             )
     store, table = root / "pretrain.zarr", root / "pretrain.parquet"
     merge_shards([root / "shard"], store, table, samples_per_shard=16, clevel=5, attrs={})
@@ -120,19 +124,20 @@ def params_bytes(views: GlobalViews) -> int:
 
 
 def replay_error(
-    cache: CachedTargets, store: Path, views: GlobalViews, teacher: TeacherConfig
+    cache: CachedTargets, store: tuple[Path, Path], views: GlobalViews, teacher: TeacherConfig
 ) -> float:
     """Largest relative error (over targets and slots) of cached vs online targets, all rows."""
     rows = torch.arange(cache.meta["store"]["n"])
     params, cached = cache.draw(rows, torch.Generator().manual_seed(1))
-    items = PretrainDataset(store, with_rgb=True).__getitems__(rows.tolist())
-    ms = torch.stack([i["s2"] for i in items])
-    rgb = torch.stack([i["rgb"] for i in items])
-    multicrop = views.multicrop(None)
+    batch = default_collate(PretrainDataset(*store, with_rgb=True).__getitems__(rows.tolist()))
+    multicrop = views.multicrop(read_stats(store[0]))
     vfm = VFMTeacher(teacher)
     worst = 0.0
     for slot, record in enumerate(params):
-        online = vfm(multicrop.apply(ms, rgb, record, views.global_size)[1])
+        view = multicrop.apply(
+            batch["s2"], batch["rgb"], batch["has_rgb"], record, views.global_size
+        )
+        online = vfm(view[:, :3], normalised=True)
         for name in ("cls", "patch_final", "patch_mid"):
             a, b = getattr(cached[slot], name), getattr(online, name)
             worst = max(worst, float((a - b).norm() / b.norm()))
@@ -163,7 +168,7 @@ def teacher_rows(
                 raw_bytes(args.views, tokens, dim, precision, params_bytes(views)),
                 disk_bytes(path) / n,
                 disk_bytes(path / "params") / n,
-                replay_error(cache, store[0], views, teacher),
+                replay_error(cache, store, views, teacher),
             )
         )
     return rows

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,6 +34,7 @@ from bench_augment import PerSampleMultiCrop
 
 from deo.data.augment import MultiCrop, MultiCropBatch
 from deo.data.bands import MS_BANDS
+from deo.data.model_input import MODEL_BANDS
 from deo.data.stats import band_stats, read_stats, write_stats
 from deo.data.store import ShardWriter, merge_shards
 from deo.models.teacher import VFMTeacher
@@ -48,10 +50,11 @@ def demo_configs() -> tuple[dict, dict]:
     """The embedded default's run and teacher, as the DAG resolves them."""
     import yaml
 
+    from deo.cache.spec import split_teacher_section
     from deo.train.config import run_config
 
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    return run_config(cfg["train"], "deo"), cfg["teacher"]
+    return run_config(cfg["train"], "deo"), split_teacher_section(cfg["teacher"])[0]
 
 
 def build_data(root: Path, n: int, tile: int) -> None:
@@ -60,7 +63,8 @@ def build_data(root: Path, n: int, tile: int) -> None:
     rgb = rng.integers(0, 256, (n, 3, tile, tile), dtype=np.uint8)
     with ShardWriter(root / "shard", n, tile, with_rgb=True) as writer:
         for i in range(n):
-            writer.write(i, s2[i], rgb[i], {"key": f"s{i}", "order": i, "split": "train"})
+            meta = {"key": f"s{i}", "order": i, "split": "train", "has_rgb": True}
+            writer.write(i, s2[i], rgb[i], meta)
     merge_shards(
         [root / "shard"],
         root / "pretrain.zarr",
@@ -69,44 +73,39 @@ def build_data(root: Path, n: int, tile: int) -> None:
         clevel=5,
         attrs={},
     )
-    write_stats(
-        root / "pretrain.zarr", band_stats(root / "pretrain.zarr", split=None), root / "stats.json"
-    )
+    table = pd.read_parquet(root / "pretrain.parquet")
+    stats = band_stats(root / "pretrain.zarr", table, split=None)
+    write_stats(root / "pretrain.zarr", stats, root / "stats.json")
     with h5py.File(root / "all.h5", "w") as f:
         f["s2"], f["rgb"] = s2, rgb
 
 
 class AuthorsDataset(Dataset):
-    """Re-opens the HDF5 file per item, normalises in numpy and augments the sample alone."""
+    """Re-opens the HDF5 file per item and augments the sample alone (``DataAugmentationDINOMS``:
+    the partner takes the optical channels of the 10-channel stack, at the tile's size)."""
 
-    def __init__(self, path: Path, n: int, stats: dict, multicrop: MultiCrop) -> None:
+    def __init__(self, path: Path, n: int, multicrop: MultiCrop) -> None:
         self.path, self.n = path, n
-        self.mean = np.array([stats[b]["mean"] for b in MS_BANDS], np.float32)[:, None, None]
-        self.std = np.array([stats[b]["std"] for b in MS_BANDS], np.float32)[:, None, None]
-        self.augment = PerSampleMultiCrop(multicrop)
+        self.order = [MS_BANDS.index(b) for b in MODEL_BANDS]
+        self.augment = PerSampleMultiCrop(multicrop, multicrop.mean, multicrop.std)
 
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
         with h5py.File(self.path, "r") as f:
             s2, rgb = f["s2"][i], f["rgb"][i]
-        ms = torch.from_numpy((s2.astype(np.float32) - self.mean) / self.std)[None]
-        views = self.augment(ms, torch.from_numpy(rgb.astype(np.float32) / 255)[None])
-        return [(m[0], r[0]) for m, r in views]
+        stack = torch.from_numpy(s2.astype(np.float32)[self.order])
+        stack[:3] = torch.from_numpy(rgb.astype(np.float32))
+        return [view[0] for view in self.augment(stack[None])]
 
 
 def run_authors(
     root: Path, n: int, steps: int, workers: int, train_cfg: dict, teacher: dict
 ) -> list[float]:
     cfg, teacher_cfg = parse_train(train_cfg), parse_teacher(teacher)
-    mc = MultiCrop(
-        global_size=cfg.crops.global_size,
-        local_size=cfg.crops.local_size,
-        n_local=cfg.crops.n_local,
-        band_stats=read_stats(root / "pretrain.zarr"),
-    )
-    dataset = AuthorsDataset(root / "all.h5", n, read_stats(root / "pretrain.zarr"), mc)
+    mc = MultiCrop.for_training(cfg, read_stats(root / "pretrain.zarr"))
+    dataset = AuthorsDataset(root / "all.h5", n, mc)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -134,10 +133,10 @@ def run_authors(
         tick = time.perf_counter()
         for batch in loader:
             views = MultiCropBatch(
-                global_ms=[batch[v][0] for v in range(2)],
-                global_rgb=[batch[v][1] for v in range(2)],
-                local_ms=[b[0] for b in batch[2:]],
-                local_rgb=[b[1] for b in batch[2:]],
+                global_ms=batch[:2],
+                global_rgb=[v[:, :3] for v in batch[:2]],
+                local_ms=batch[2:],
+                local_rgb=[v[:, :3] for v in batch[2:]],
                 global_params=[],
             )
             terms = model(views, model.student)

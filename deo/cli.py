@@ -156,6 +156,29 @@ def _train(a: argparse.Namespace) -> None:
         publish_run(a.out, a.final_checkpoint, a.final_metrics)
 
 
+def _views(a: argparse.Namespace) -> None:
+    """The first training batches as the model sees them (``deo.report.views``)."""
+    from deo.cache.spec import split_teacher_section
+    from deo.report.views import dump_views
+    from deo.train.config import parse_teacher, parse_train, run_config
+
+    if a.train is not None:
+        train, teacher = json.loads(a.train), json.loads(a.teacher or "null")
+    else:
+        from deo.workflow import resolve_config
+
+        if a.run is None:
+            raise ConfigError("deo views: --run NAME is needed with --configfile")
+        config = resolve_config(a.configfile)
+        train, teacher = run_config(config["train"], a.run), config["teacher"]
+    cache = None
+    if a.teacher_cache is not None:
+        if teacher is None:
+            raise ConfigError("deo views: --teacher-cache needs --teacher (or --configfile)")
+        cache = (a.teacher_cache, parse_teacher(split_teacher_section(teacher)[0]))
+    dump_views(parse_train(train), a.store, a.table, a.out, a.batches, a.device, cache)
+
+
 def _export(a: argparse.Namespace) -> None:
     from deo.train.finish import export_run
 
@@ -254,6 +277,10 @@ def _plot(a: argparse.Namespace) -> None:
         plots.data_counts(Path(a.inputs[0]), a.out)
     elif a.kind == "coreg":
         plots.coreg_scores(Path(a.inputs[0]), a.min_score, a.out)
+    elif a.kind == "views":
+        from deo.report.views import plot_views
+
+        plot_views(Path(a.inputs[0]), a.out)
     else:
         by_rule: dict[str, list[Path]] = {}
         for rule, path in _named_paths(a.kind, a.inputs, "RULE=benchmark.tsv"):
@@ -386,6 +413,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--final-metrics", type=Path, help="per-step metrics of the finished run, CSV")
     s.add_argument("--teacher-cache", type=Path, help="replay this cache (teacher.mode: cached)")
 
+    s = cmd("views", _views, "the first training batches' views, as the model sees them")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--configfile", nargs="+", help="config files, as Snakemake's (with --run)")
+    which.add_argument("--train", help="a run's resolved train section (JSON), as deo train's")
+    s.add_argument("--teacher", help="the teacher section (JSON), with --train and a cache")
+    s.add_argument("--teacher-cache", type=Path, help="a cached run's cache: its global views")
+    s.add_argument("--run", help="the train run whose views to write (with --configfile)")
+    s.add_argument("--store", type=Path, default=Path("results/data/pretrain.zarr"))
+    s.add_argument("--table", type=Path, default=Path("results/data/pretrain.parquet"))
+    s.add_argument("--out", type=Path, required=True, help="folder for batch_NNNN.npz")
+    s.add_argument("--batches", type=int, default=1, help="how many batches, from the first")
+    s.add_argument("--device", default="cpu", help="where the views are rendered")
+
     s = cmd("cache-teacher", _cache_teacher, "one part of the teacher-target cache (resumes)")
     s.add_argument("--teacher", required=True, help="the teacher section (JSON)")
     s.add_argument("--views", required=True, help="the global-view settings to cache (JSON)")
@@ -408,12 +448,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
 
     s = cmd("plot", _plot, "a report figure from stage records")
-    s.add_argument("kind", choices=["training", "data", "coreg", "runtimes"])
+    s.add_argument("kind", choices=["training", "data", "coreg", "runtimes", "views"])
     s.add_argument(
         "inputs",
         nargs="+",
         help="training: RUN=metrics.csv …; data: counts.json; coreg: pretrain.parquet; "
-        "runtimes: RULE=benchmark.tsv …",
+        "runtimes: RULE=benchmark.tsv …; views: a batch_NNNN.npz of deo views",
     )
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--min-score", type=float, default=0.3, help="coreg: the threshold drawn")

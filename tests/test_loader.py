@@ -1,4 +1,4 @@
-"""The training dataset (normalisation, batched reads) and the shard-grouped sampler."""
+"""The training dataset (raw values, partner flags, batched reads) and the shard-grouped sampler."""
 
 from __future__ import annotations
 
@@ -11,17 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from deo.data.bands import MS_BANDS
 from deo.data.loader import PretrainDataset, ShardGroupedSampler, make_loader
-from deo.data.stats import write_stats
 from deo.data.store import ShardWriter, merge_shards, shuffled_rows
 from deo.errors import DataError
 
 T = 8
 N = 30
 SPS = 8
-
-STATS = {b: {"mean": 1000.0 + 100 * i, "std": 50.0 + 7 * i} for i, b in enumerate(MS_BANDS)}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, raw) -> Path:
     for j, half in enumerate(halves):
         with ShardWriter(root / f"shard{j}", len(half), T, True) as writer:
             for pos, i in enumerate(half):
-                writer.write(pos, s2[i], rgb[i], {"key": f"k{i}", "order": i, "split": splits[i]})
+                meta = {"key": f"k{i}", "order": i, "split": splits[i], "has_rgb": i % 3 != 1}
+                writer.write(pos, s2[i], rgb[i], meta)
     merge_shards(
         [root / "shard0", root / "shard1"],
         root / "p.zarr",
@@ -50,44 +47,32 @@ def store(tmp_path_factory: pytest.TempPathFactory, raw) -> Path:
         clevel=1,
         attrs={},
     )
-    write_stats(root / "p.zarr", STATS, root / "stats.json")
     return root / "p.zarr"
 
 
-def expected_s2(x: np.ndarray, stats: dict) -> np.ndarray:
-    mean = np.array([stats[b]["mean"] for b in MS_BANDS])[:, None, None]
-    std = np.array([stats[b]["std"] for b in MS_BANDS])[:, None, None]
-    return (x.astype(np.float64) - mean) / std
-
-
-def test_items_are_normalised_with_the_store_stats(store: Path, raw) -> None:
+def test_items_are_the_stored_values(store: Path, raw) -> None:
+    """Raw DN and 8-bit partners, and the table's partner flag: normalising is the views' job."""
     s2, rgb, _ = raw
-    ds = PretrainDataset(store, with_rgb=True)
+    table = store.with_suffix(".parquet")
+    ds = PretrainDataset(store, table, with_rgb=True)
     assert len(ds) == N
     for i in (0, 7, 29):
         item = ds[i]
-        assert item["s2"].dtype == torch.float32 and item["s2"].shape == (10, T, T)
-        np.testing.assert_allclose(
-            item["s2"].numpy(), expected_s2(s2[i], STATS), rtol=1e-6, atol=1e-6
-        )
-        assert item["rgb"].dtype == torch.float32
-        np.testing.assert_allclose(item["rgb"].numpy(), rgb[i] / 255.0, rtol=1e-7, atol=0)
-        assert item["rgb"].min() >= 0 and item["rgb"].max() <= 1
+        assert item["s2"].dtype == torch.uint16 and item["s2"].shape == (10, T, T)
+        assert np.array_equal(item["s2"].numpy(), s2[i])
+        assert item["rgb"].dtype == torch.uint8 and np.array_equal(item["rgb"].numpy(), rgb[i])
+        assert item["has_rgb"].dtype == torch.bool and bool(item["has_rgb"]) == (i % 3 != 1)
         assert item["index"].dtype == torch.int64 and item["index"].item() == i
+    assert set(PretrainDataset(store)[4]) == {"s2", "index"}
 
 
-def test_explicit_stats_override_the_store(store: Path, raw) -> None:
-    stats = {b: {"mean": 0.0, "std": 2.0} for b in MS_BANDS}
-    item = PretrainDataset(store, stats=stats)[4]
-    assert "rgb" not in item
-    np.testing.assert_allclose(item["s2"].numpy(), raw[0][4] / 2.0, rtol=1e-6)
-
-
-def test_bad_stats_are_refused(store: Path) -> None:
-    with pytest.raises(DataError, match="B12"):
-        PretrainDataset(store, stats={b: STATS[b] for b in MS_BANDS[:-1]})
-    with pytest.raises(DataError, match="not positive"):
-        PretrainDataset(store, stats={**STATS, "B03": {"mean": 1.0, "std": 0.0}})
+def test_partner_flags_need_the_table(store: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="table"):
+        PretrainDataset(store, with_rgb=True)
+    table = pd.read_parquet(store.with_suffix(".parquet")).drop(columns="has_rgb")
+    table.to_parquet(tmp_path / "old.parquet")
+    with pytest.raises(DataError, match="has_rgb"):
+        PretrainDataset(store, tmp_path / "old.parquet", with_rgb=True)
 
 
 def test_split_selects_rows(store: Path, raw) -> None:
@@ -96,26 +81,24 @@ def test_split_selects_rows(store: Path, raw) -> None:
     rows = pd.read_parquet(table).query("split == 'val'")["index"].tolist()
     assert rows == [i for i in range(N) if raw[2][i] == "val"]
     assert [ds[j]["index"].item() for j in range(len(ds))] == rows
-    np.testing.assert_allclose(
-        ds[1]["s2"].numpy(), expected_s2(raw[0][rows[1]], STATS), rtol=1e-6, atol=1e-6
-    )
+    assert np.array_equal(ds[1]["s2"].numpy(), raw[0][rows[1]])
     with pytest.raises(ValueError, match="table"):
         PretrainDataset(store, split="val")
 
 
 def test_getitems_equals_getitem(store: Path) -> None:
-    ds = PretrainDataset(store, with_rgb=True)
+    ds = PretrainDataset(store, store.with_suffix(".parquet"), with_rgb=True)
     indices = [17, 2, 29, 2, 8, 9, 0, 23]  # across shards, unsorted, with a repeat
     batch = ds.__getitems__(indices)
     assert [b["index"].item() for b in batch] == indices
     for i, got in zip(indices, batch, strict=True):
         want = ds[i]
-        for key in ("s2", "rgb", "index"):
+        for key in ("s2", "rgb", "has_rgb", "index"):
             assert torch.equal(got[key], want[key])
 
 
 def test_dataset_survives_pickling(store: Path) -> None:
-    ds = PretrainDataset(store, with_rgb=True)
+    ds = PretrainDataset(store, store.with_suffix(".parquet"), with_rgb=True)
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[5]["s2"], ds[5]["s2"])
 
@@ -187,7 +170,7 @@ def test_sampler_resumes_mid_epoch() -> None:
 
 
 def test_loader_with_workers_matches_in_process(store: Path) -> None:
-    ds = PretrainDataset(store, with_rgb=True)
+    ds = PretrainDataset(store, store.with_suffix(".parquet"), with_rgb=True)
     serial = make_loader(ds, 4, workers=0, seed=11)
     parallel = make_loader(ds, 4, workers=2, seed=11)
     for loader in (serial, parallel):
@@ -196,7 +179,7 @@ def test_loader_with_workers_matches_in_process(store: Path) -> None:
     assert len(got_serial) == len(got_parallel) == N // 4
     for a, b in zip(got_serial, got_parallel, strict=True):
         assert a["s2"].shape == (4, 10, T, T) and a["rgb"].shape == (4, 3, T, T)
-        for key in ("s2", "rgb", "index"):
+        for key in ("s2", "rgb", "has_rgb", "index"):
             assert torch.equal(a[key], b[key])
     indices = torch.cat([b["index"] for b in got_parallel]).tolist()
     assert len(set(indices)) == len(indices) == (N // 4) * 4

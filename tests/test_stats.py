@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from deo.data.bands import MS_BANDS
+from deo.data.model_input import OPTICAL, OPTICAL_S2
 from deo.data.stats import band_stats, read_stats, write_stats
 from deo.data.store import ShardWriter, merge_shards
 from deo.errors import DataError
@@ -22,7 +23,7 @@ def build(root: Path, s2: np.ndarray, rgb: np.ndarray | None, splits: list[str])
     """A final store holding exactly these arrays, in this order, with a split per sample."""
     with ShardWriter(root / "shard", len(s2), T, rgb is not None) as writer:
         for i in range(len(s2)):
-            meta = {"key": f"k{i}", "order": i, "split": splits[i]}
+            meta = {"key": f"k{i}", "order": i, "split": splits[i], "has_rgb": i % 3 != 0}
             writer.write(i, s2[i], None if rgb is None else rgb[i], meta)
     merge_shards(
         [root / "shard"],
@@ -73,7 +74,34 @@ def test_matches_numpy_on_train_split(tmp_path: Path, data, block: int) -> None:
             assert stats[band]["count"] == count[i]
             assert stats[band]["mean"] == pytest.approx(mean[i], rel=1e-9)
             assert stats[band]["std"] == pytest.approx(std[i], rel=1e-9)
-    assert set(stats) == set(MS_BANDS) | {"R", "G", "B"}
+    assert set(stats) == set(MS_BANDS) | {"R", "G", "B"} | set(OPTICAL) | set(OPTICAL_S2)
+
+
+def test_optical_statistics_are_of_the_max_scaled_model_input(tmp_path: Path, data) -> None:
+    """Per sample: the partner where the table says so (else B04, B03, B02), over its maximum."""
+    s2, rgb, splits = data
+    store = build(tmp_path, s2, rgb, splits)
+    table = pd.read_parquet(tmp_path / "s.parquet")
+    stats = band_stats(store, table, split="train", block=5)
+    mixed, own = [], []
+    for i in range(len(s2)):
+        if splits[i] != "train":
+            continue
+        s2_rgb = np.stack([s2[i, 2], s2[i, 1], s2[i, 0]]).astype(np.float64)  # B04 B03 B02
+        s2_rgb = s2_rgb / s2_rgb.max() if s2_rgb.max() > 0 else s2_rgb
+        partner = rgb[i].astype(np.float64) / rgb[i].max()
+        own.append(s2_rgb)
+        mixed.append(partner if i % 3 != 0 else s2_rgb)
+    for keys, arrays in ((OPTICAL, mixed), (OPTICAL_S2, own)):
+        mean, std, count = reference(np.stack(arrays))
+        for c, key in enumerate(keys):
+            assert stats[key]["count"] == count[c]
+            assert stats[key]["mean"] == pytest.approx(mean[c], rel=1e-9)
+            assert stats[key]["std"] == pytest.approx(std[c], rel=1e-9)
+    assert stats["optical_R"]["mean"] != pytest.approx(stats["optical_s2_R"]["mean"], rel=1e-3)
+    without = table.drop(columns="has_rgb")
+    with pytest.raises(DataError, match="has_rgb"):
+        band_stats(store, without, split="train")
 
 
 def test_all_samples_and_no_rgb(tmp_path: Path, data) -> None:
@@ -81,7 +109,7 @@ def test_all_samples_and_no_rgb(tmp_path: Path, data) -> None:
     store = build(tmp_path, s2, None, splits)
     stats = band_stats(store, split=None, block=4)
     mean, std, _ = reference(s2)
-    assert set(stats) == set(MS_BANDS)
+    assert set(stats) == set(MS_BANDS) | set(OPTICAL) | set(OPTICAL_S2)
     assert [stats[b]["mean"] for b in MS_BANDS] == pytest.approx(mean, rel=1e-9)
     assert [stats[b]["std"] for b in MS_BANDS] == pytest.approx(std, rel=1e-9)
     assert band_stats(store, split=None, block=4, threads=3) == stats  # merged in block order
@@ -122,7 +150,7 @@ def test_write_and_read_stats(tmp_path: Path, data) -> None:
     store = build(tmp_path, s2, rgb, splits)
     with pytest.raises(DataError, match="stats stage has not run"):
         read_stats(store)
-    stats = band_stats(store, split=None)
+    stats = band_stats(store, pd.read_parquet(tmp_path / "s.parquet"), split=None)
     write_stats(store, stats, tmp_path / "out" / "stats.json")
     assert zarr.open_group(store, mode="r").attrs["stats"] == stats
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats

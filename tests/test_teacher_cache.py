@@ -11,6 +11,7 @@ import pytest
 import torch
 import zarr
 from fakes import TINY_TEACHER, TINY_TRAIN, write_store
+from torch.utils.data import default_collate
 
 import deo.cache.build as build
 from deo.cache.build import build_part, finalise
@@ -75,16 +76,19 @@ def test_cached_targets_equal_online_targets(store, tmp_path, precision, hr_opti
     rows = torch.tensor([13, 2, 7, 19, 8, 0])
     params, cached = cache.draw(rows, torch.Generator().manual_seed(1))
 
-    data = PretrainDataset(store[0], with_rgb=hr_optical).__getitems__(rows.tolist())
-    ms = torch.stack([d["s2"] for d in data])
-    rgb = torch.stack([d["rgb"] for d in data]) if hr_optical else None
+    data = PretrainDataset(*store, with_rgb=hr_optical).__getitems__(rows.tolist())
+    batch = default_collate(data)
     views = training_multicrop(cfg, store[0])(
-        ms, rgb, torch.Generator().manual_seed(2), global_params=params
+        batch["s2"],
+        batch.get("rgb"),
+        batch.get("has_rgb"),
+        torch.Generator().manual_seed(2),
+        global_params=params,
     )
     vfm = VFMTeacher(parse_teacher(TINY_TEACHER))
     bound = {"fp16": 1e-3, "int8": 1.5e-2}[precision]
     for slot, view in enumerate(views.global_rgb):
-        online = vfm(view)
+        online = vfm(view, normalised=True)
         assert cached[slot].grid == online.grid
         for name in ("cls", "patch_final", "patch_mid"):
             error = relative_error(getattr(cached[slot], name), getattr(online, name))
@@ -150,14 +154,13 @@ def test_an_interrupted_job_resumes_where_it_stopped(store, tmp_path, monkeypatc
         ("rgb source", dict(TINY_TRAIN, ablation={"hr_optical": False}), None, "global views.rgb"),
         ("optical aug", dict(TINY_TRAIN, ablation={"optical_aug": False}), None,
          "global views.optical_aug"),
+        ("interpolation", dict(TINY_TRAIN, crops={"global_size": 32, "interpolation": "bilinear"}),
+         None, "global views.interpolation"),
     ],
 )  # fmt: skip
 def test_a_cache_of_other_settings_is_refused(store, tmp_path, what, train, teacher, message):
     path = make_cache(store, tmp_path)
-    cfg = parse_train(train or TINY_TRAIN)
-    views = GlobalViews.of(
-        training_multicrop(train or TINY_TRAIN, store[0]), cfg.ablation.hr_optical
-    )
+    views = GlobalViews.of(training_multicrop(train or TINY_TRAIN, store[0]))
     with pytest.raises(DataError, match=message.replace(".", r"\.")):
         CachedTargets(path).verify_run(parse_teacher(teacher or TINY_TEACHER), *store, views)
 
@@ -174,7 +177,7 @@ def test_a_cache_of_another_store_is_refused(store, tmp_path) -> None:
 def test_training_only_keys_leave_the_cache_valid(store, tmp_path) -> None:
     path = make_cache(store, tmp_path)
     cfg = dict(TINY_TRAIN, epochs=7, seed=3, crops={"global_size": 32, "n_local": 5})
-    views = GlobalViews.of(training_multicrop(cfg, store[0]), with_rgb=True)
+    views = GlobalViews.of(training_multicrop(cfg, store[0]))
     assert views == GlobalViews.from_train(parse_train(cfg))
     CachedTargets(path).verify_run(parse_teacher(TINY_TEACHER), *store, views)
 
@@ -182,7 +185,7 @@ def test_training_only_keys_leave_the_cache_valid(store, tmp_path) -> None:
 def test_cached_training_never_runs_the_vfm_and_resumes_exactly(store, tmp_path, monkeypatch):
     cache = make_cache(store, tmp_path)
 
-    def no_forward(self, rgb):
+    def no_forward(self, rgb, normalised=False):
         raise AssertionError("the VFM ran in cached mode")
 
     monkeypatch.setattr(VFMTeacher, "forward", no_forward)

@@ -161,6 +161,7 @@ def test_report_holds_every_figure_with_its_caption(workdir: Path, tmp_path: Pat
         names = {Path(n).name for n in archive.namelist()}
         html = archive.read("report/report.html").decode()
     figures = ["training.png", "data_counts.png", "coreg.png", "runtimes.png", "features_deo.png"]
+    figures += ["views_deo.png"]
     assert set(figures) | {"summary.html", "metrics.csv", "rejects.csv"} <= names
     for caption in (ROOT / "workflow/report").glob("*.rst"):
         opening = " ".join(caption.read_text().split()[:4])
@@ -176,7 +177,7 @@ def test_nothing_reruns_without_a_change(workdir: Path) -> None:
 
 UPSTREAM_OF_HARMONISE = {"mirror", "fetch_sentinel", "verify_sentinel", "select_scenes"}
 UPSTREAM_OF_HARMONISE |= {"extract", "fetch_rgb", "pair"}
-REPORTS = {"plot_training", "plot_data", "plot_features", "plot_runtimes"}
+REPORTS = {"plot_training", "plot_data", "plot_features", "plot_runtimes", "plot_views"}
 
 
 def test_a_harmonise_key_reruns_harmonise_and_downstream_only(workdir: Path) -> None:
@@ -196,7 +197,7 @@ def test_a_selection_key_reruns_from_select(workdir: Path) -> None:
 def test_a_train_key_reruns_training_only(workdir: Path) -> None:
     name = variant(workdir, "epochs.yaml", lambda c: c["train"]["defaults"].update(epochs=5))
     jobs = jobs_of_dry_run(workdir, "--configfile", name)
-    downstream = {"distill", "export", "all", "evaluate", "summarise", *REPORTS}
+    downstream = {"distill", "export", "all", "evaluate", "summarise", "dump_views", *REPORTS}
     assert {"distill", "export", "all"} <= jobs <= downstream
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from torch.utils.data import default_collate
 from zarr.codecs import BloscCodec
 
 from deo.cache.codec import TARGETS, encode, stored_dtypes
@@ -195,7 +196,7 @@ def build_part(
     )
     shapes = _sample_shapes(multicrop, tile, cache.views, grid, vfm.embed_dim, cache.precision)
     target = _Part(Path(work), part, meta, shapes)
-    dataset = PretrainDataset(store, with_rgb=views.with_rgb)
+    dataset = PretrainDataset(store, table, with_rgb=views.with_rgb)
     todo = [b for b in blocks if b not in target.done]
     log.info(
         "part %d of %d: blocks %s, %d to compute on %s", part, cache.shards, blocks, len(todo), dev
@@ -242,13 +243,14 @@ def compute_block(
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in TARGETS}
     for start in range(0, len(rows), cache.batch_size):
         chunk = slice(start, start + cache.batch_size)
-        items = dataset.__getitems__(rows[chunk].tolist())
-        ms = torch.stack([item["s2"] for item in items]).to(device)
-        rgb = torch.stack([item["rgb"] for item in items]).to(device) if dataset.with_rgb else None
+        batch = default_collate(dataset.__getitems__(rows[chunk].tolist()))
+        ms = batch["s2"].to(device)
+        rgb = batch["rgb"].to(device) if dataset.with_rgb else None
+        has_rgb = batch.get("has_rgb")
         per_view = []
         for record in params:
-            _, rgb_view = multicrop.apply(ms, rgb, record.index(chunk), multicrop.global_size)
-            per_view.append(vfm(rgb_view))
+            view = multicrop.apply(ms, rgb, has_rgb, record.index(chunk), multicrop.global_size)
+            per_view.append(vfm(view[:, :3], normalised=True))
         for name in TARGETS:
             outputs[name].append(torch.stack([getattr(o, name) for o in per_view], dim=1).cpu())
     arrays: dict[str, np.ndarray] = {}

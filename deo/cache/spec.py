@@ -25,7 +25,7 @@ from deo.errors import ConfigError, DataError
 from deo.models.teacher import VFMTeacher
 from deo.train.config import TrainConfig
 
-FORMAT = 1
+FORMAT = 2
 META_ATTR = "deo_teacher_cache"
 """Group attribute holding the cache's record (``cache_meta``)."""
 COMPLETE_ATTR = "complete"
@@ -38,10 +38,11 @@ CACHE_KEYS = ("mode", "views", "cache")
 class GlobalViews:
     """Every setting that fixes the global views (and so the teacher's input) of a run.
 
-    ``rgb`` is where the teacher's RGB comes from: ``partner`` (the store's high-resolution
-    ``rgb``, ``train.ablation.hr_optical``) or ``derived`` (B04/B03/B02 of the MS tile, stretched
-    by ``rgb_scale``, which is recorded only then since it changes nothing otherwise). Local-view
-    settings are absent on purpose: local views stay freshly random in a cached run.
+    ``rgb`` is where the optical channels come from: ``partner`` (the store's aerial ``rgb``
+    where a sample has one, Sentinel-2's B04/B03/B02 elsewhere: ``train.ablation.hr_optical``)
+    or ``derived`` (Sentinel-2's for every sample). The normalisation the VFM's input gets is
+    the store's statistics, which the store digest covers. Local-view settings are absent on
+    purpose: local views stay freshly random in a cached run.
     """
 
     global_size: int
@@ -51,10 +52,10 @@ class GlobalViews:
     blur_kernel: int
     optical_aug: bool
     rgb: Literal["partner", "derived"]
-    rgb_scale: float | None
+    interpolation: Literal["bicubic", "bilinear"]
 
     @classmethod
-    def of(cls, multicrop: MultiCrop, with_rgb: bool) -> GlobalViews:
+    def of(cls, multicrop: MultiCrop) -> GlobalViews:
         """The global-view settings of an actual ``MultiCrop`` (what training checks)."""
         return cls(
             global_size=multicrop.global_size,
@@ -63,8 +64,8 @@ class GlobalViews:
             vflip_p=multicrop.vflip_p,
             blur_kernel=multicrop.blur_kernel,
             optical_aug=multicrop.optical_aug,
-            rgb="partner" if with_rgb else "derived",
-            rgb_scale=None if with_rgb else multicrop.rgb_scale,
+            rgb="partner" if multicrop.partners else "derived",
+            interpolation=multicrop.interpolation,
         )
 
     @classmethod
@@ -74,7 +75,7 @@ class GlobalViews:
         Taken from the loop's own ``MultiCrop``, so the defaults that the config does not expose
         (ratio, flips, blur taps) come from one place.
         """
-        return cls.of(MultiCrop.for_training(cfg), with_rgb=cfg.ablation.hr_optical)
+        return cls.of(MultiCrop.for_training(cfg))
 
     @property
     def with_rgb(self) -> bool:
@@ -82,7 +83,6 @@ class GlobalViews:
 
     def multicrop(self, band_stats: dict | None) -> MultiCrop:
         """A ``MultiCrop`` drawing and rendering exactly these global views (and no local one)."""
-        extra = {} if self.rgb_scale is None else {"rgb_scale": self.rgb_scale}
         return MultiCrop(
             global_size=self.global_size,
             n_local=0,
@@ -91,8 +91,9 @@ class GlobalViews:
             vflip_p=self.vflip_p,
             blur_kernel=self.blur_kernel,
             optical_aug=self.optical_aug,
+            partners=self.with_rgb,
             band_stats=band_stats,
-            **extra,
+            interpolation=self.interpolation,
         )
 
 

@@ -1,18 +1,26 @@
-"""Batched, replayable multi-crop for DEO, run on the training device.
+"""Batched, replayable multi-crop for DEO, run on the training device: the model's input.
 
-A batch of normalised 10-channel MS tiles ``ms`` ``(B, 10, T, T)`` (bands ``MS_BANDS``) and,
-optionally, a co-registered RGB partner ``rgb`` ``(B, 3, T', T')`` in ``[0, 1]`` becomes 2 global
-views and ``n_local`` local views. A view crops the same box from every MS channel and from the
-RGB, flips both the same way, and then perturbs the colours of the RGB only (DINO's recipe):
-the MS channels carry physical reflectances that the student must learn to read, while the RGB
-path and the optical teacher are trained on photometrically augmented natural images.
+A batch of raw Sentinel-2 tiles ``ms`` ``(B, 10, T, T)`` (DN, bands ``MS_BANDS``), their aerial
+partners ``rgb`` ``(B, 3, R, R)`` (any resolution ``R``, raw 0..255) and ``has_rgb`` ``(B,)``
+become 2 global and ``n_local`` local views of the model's 10 channels ``[R, G, B, B05 ... B12]``
+(``deo.data.model_input``), as the authors' ``DataAugmentationDINOMS`` makes them:
+
+1. one box per view, in normalised tile coordinates, cuts the Sentinel-2 bands at ``T`` and the
+   partner at ``R`` (so a view's optical channels keep the aerial detail up to the view's size),
+   resampled by antialiased bicubic (``RandomResizedCrop(interpolation=BICUBIC)``) or bilinear
+   interpolation, and flipped (all channels alike);
+2. the optical channels are the partner's where ``has_rgb``, else B04/B03/B02, divided by their
+   maximum over the view and clipped to [0, 1];
+3. colour jitter, grayscale, Gaussian blur and solarize act on the optical channels only;
+4. all 10 channels are normalised together, ``(x - mean) / std`` (``model_input.normalisation``).
+
+The student's RGB path and the VFM take channels 0-2 of each view (the authors'
+``rgb_data = ms_data[:, :3]``): ``MultiCropBatch.global_rgb``/``local_rgb`` are those channels.
 
 Why batched tensors on the training device and not per-sample transforms in loader workers: the
-views of one size are one ``roi_align`` call plus a few dozen elementwise kernels for the whole
-batch, so an accelerator renders them without loader workers, and every random choice is an
-explicit, storable parameter. On a CPU the cost per batch is about that of the per-sample
-torchvision pipeline (the work per pixel is the same and it is memory-bound); see
-``benchmarks/bench_augment.py``.
+views of one size are a few dozen gathers and elementwise kernels for the whole batch, so an
+accelerator renders them without loader workers, and every random choice is an explicit,
+storable parameter; see ``benchmarks/bench_augment.py``.
 
 Replay. The teacher-target cache stores, per sample, the parameters of the global views it
 computed targets for, and training must re-create exactly those views. So every random number
@@ -21,13 +29,16 @@ global RNG), and ``MultiCrop.apply`` is a pure function of (input, record). It i
 when a record is split per sample and re-batched in another order or size, because every step
 computes a sample's pixels with the same sequence of IEEE operations whatever its neighbours:
 
-- crops are ``roi_align`` (each output pixel computed independently), flips and selections are
-  copies, colour ops are elementwise ``+ - * /``, ``min``/``max``, ``floor``, ``fmod``;
-- the one reduction over pixels (the mean of contrast) is summed in int64 fixed point, which is
+- resampling is an explicit sum over filter taps (gathers, then elementwise multiply-add), with
+  each sample's taps computed on the CPU in float64 (summed in a fixed order, so padding a
+  sample's taps to its batch's widest with zero weights changes nothing) and rounded to float32;
+  flips reverse the tap tables, selections are copies;
+- colour ops are elementwise ``+ - * /``, ``min``/``max``, ``floor``, ``fmod``; the per-view
+  maximum is exact in any order;
+- the one sum over pixels (the mean of contrast) is summed in int64 fixed point, which is
   associative, instead of a float reduction whose order depends on the batch shape;
-- the Gaussian blur is an explicit sum over taps (elementwise multiply-add, no convolution
-  algorithm chosen by shape), with taps computed on the CPU in float64 and rounded to float32
-  (SIMD and scalar ``exp`` may differ by an ulp of float64, which the rounding absorbs except
+- the Gaussian blur is an explicit sum over taps, computed like the resampling taps (SIMD and
+  scalar ``exp`` may differ by an ulp of float64, which the rounding to float32 absorbs except
   with a probability of order 2**-29 per tap).
 
 Results depend on the device (CPU vs CUDA kernels), so a cache is replayed on the device kind
@@ -37,17 +48,17 @@ that built it when bit equality matters.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from kornia.enhance import adjust_brightness_accumulative, adjust_hue
 from torch import Tensor
-from torchvision.ops import roi_align
 
-from deo.data.bands import MS_BANDS, RGB_BANDS
+from deo.data.bands import MS_BANDS
+from deo.data.model_input import MAX_EPS, MS_ONLY, S2_OPTICAL, normalisation
 
 if TYPE_CHECKING:
     from deo.train.config import TrainConfig
@@ -61,18 +72,28 @@ JITTER_STRENGTH: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
 JITTER_P = 0.8
 GRAY_P = 0.2
 BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)
-BLUR_KERNEL = 9
-"""Gaussian blur taps per axis, as DINOv2's ``GaussianBlur(kernel_size=9)``; reflect padding."""
+BLUR_KERNEL = 23
+"""Gaussian blur taps per axis: the authors' ``GaussianBlurKornia`` (kornia's
+``RandomGaussianBlur(kernel_size=23)``), reflect padding."""
 GLOBAL_BLUR_P: tuple[float, float] = (1.0, 0.1)
 LOCAL_BLUR_P = 0.5
 GLOBAL_SOLARIZE_P: tuple[float, float] = (0.0, 0.2)
-SOLARIZE_THRESHOLD = 0.5
+SOLARIZE_THRESHOLD: tuple[float, float] = (0.0, 1.0)
+SOLARIZE_ADDITION: tuple[float, float] = (-0.1, 0.1)
+"""The authors' ``SolarizationKornia`` is kornia's ``RandomSolarize(thresholds=0.5)``: per view a
+threshold drawn from 0.5 ± 0.5 and an addition from ± 0.1 (kornia's default), applied as
+``x = clip(x + addition, 0, 1)``, then ``x >= threshold -> 1 - x``."""
 GRAY_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
 """ITU-R 601 luma, as torchvision's ``rgb_to_grayscale`` (and so ColorJitter's contrast and
 saturation)."""
 
+Interpolation = Literal["bicubic", "bilinear"]
+
 _CPU_CHUNK_BYTES = 2**22
-"""RGB bytes per chunk of the photometric ops on the CPU (see ``MultiCrop._photometric``)."""
+"""Bytes of the largest temporary per chunk of samples on the CPU (resampling and photometric
+ops): memory-bound elementwise chains run several times faster when it stays in cache."""
+_DEVICE_CHUNK_BYTES = 2**28
+"""The same bound on an accelerator, where it only caps the memory a render takes."""
 
 CROP_ATTEMPTS = 10
 """Rejection-sampling tries per box before the centre-crop fallback, as RandomResizedCrop."""
@@ -88,16 +109,17 @@ _LOGR = slice(CROP_ATTEMPTS, 2 * CROP_ATTEMPTS)
 _POS = slice(2 * CROP_ATTEMPTS, 2 * CROP_ATTEMPTS + 2)
 _HFLIP, _VFLIP, _JITTER_ON = 22, 23, 24
 _FACTORS, _ORDER = slice(25, 29), slice(29, 33)
-_GRAY, _BLUR_ON, _SIGMA, _SOLARIZE = 33, 34, 35, 36
-_N_DRAWS = 37
+_GRAY, _BLUR_ON, _SIGMA, _SOLARIZE, _SOL_THRESHOLD, _SOL_ADDITION = 33, 34, 35, 36, 37, 38
+_N_DRAWS = 39
 
 
 @dataclass
 class ViewParams:
     """Every random choice of one view for a batch: tensor fields with a leading sample axis.
 
-    Fields (CPU tensors as sampled; ``box`` in input MS pixel coordinates where pixel ``i``
-    covers ``[i, i + 1)``, so the full tile is ``(0, 0, T, T)``):
+    Fields (CPU tensors as sampled; ``box`` in Sentinel-2 pixel coordinates where pixel ``i``
+    covers ``[i, i + 1)``, so the full tile is ``(0, 0, T, T)``; the partner's box is the same
+    box scaled by ``R / T``):
 
     - ``box`` float32 ``(B, 4)``: ``x0, y0, x1, y1``;
     - ``hflip``, ``vflip`` bool ``(B,)``: the view is the mirrored crop;
@@ -105,7 +127,7 @@ class ViewParams:
       turns, torchvision's convention), applied in the per-sample order ``jitter_order`` int64
       ``(B, 4)`` (a permutation of 0..3 in that field order, as torchvision's ColorJitter);
     - ``jitter_on``, ``gray``, ``solarize`` bool ``(B,)``; ``blur_sigma`` float32 ``(B,)``,
-      0 = no blur.
+      0 = no blur; ``solarize_threshold``, ``solarize_addition`` float32 ``(B,)``.
     """
 
     box: Tensor
@@ -117,6 +139,8 @@ class ViewParams:
     gray: Tensor
     blur_sigma: Tensor
     solarize: Tensor
+    solarize_threshold: Tensor
+    solarize_addition: Tensor
 
     def __len__(self) -> int:
         return self.box.shape[0]
@@ -157,21 +181,23 @@ class ViewParams:
         """The same crops and flips with every photometric op off (the optical-aug ablation)."""
         off = torch.zeros_like(self.gray)
         return ViewParams(
-            box=self.box,
-            hflip=self.hflip,
-            vflip=self.vflip,
-            jitter=self.jitter,
-            jitter_order=self.jitter_order,
-            jitter_on=off,
-            gray=off,
-            blur_sigma=torch.zeros_like(self.blur_sigma),
-            solarize=off,
+            **self.to_dict()
+            | {
+                "jitter_on": off,
+                "gray": off,
+                "blur_sigma": torch.zeros_like(self.blur_sigma),
+                "solarize": off,
+            }
         )
 
 
 @dataclass
 class MultiCropBatch:
-    """The views of one batch. ``global_params`` replays the global views (teacher cache)."""
+    """The views of one batch, normalised model input ``(B, 10, s, s)`` per view.
+
+    ``global_rgb``/``local_rgb`` are channels 0-2 of each view (views of the same memory): the
+    input of the student's RGB path and of the VFM. ``global_params`` replays the global views.
+    """
 
     global_ms: list[Tensor]
     global_rgb: list[Tensor]
@@ -181,7 +207,7 @@ class MultiCropBatch:
 
 
 class MultiCrop:
-    """DINO multi-crop of MS tiles and their RGB, batched on the data's device and replayable.
+    """DINO multi-crop of the model's 10-channel input, batched on the data's device, replayable.
 
     Args:
         global_size, local_size: output side of global and local views, in pixels.
@@ -189,18 +215,18 @@ class MultiCrop:
         global_scale, local_scale: range of the crop area as a fraction of the tile area.
         ratio: range of the crop aspect ratio (width / height), sampled log-uniformly.
         vflip_p: probability of a vertical flip. Remote-sensing tiles have no canonical "up",
-            so vertical flips are valid here; the default 0.0 keeps the authors' DINO recipe
+            so vertical flips are valid here; the default 0.0 keeps the authors' recipe
             (horizontal flips only). Horizontal flips always have probability 0.5.
-        optical_aug: photometric augmentation of the RGB channels (the ablation row
+        optical_aug: photometric augmentation of the optical channels (the ablation row
             "+ optical augmentation"). Off, records are sampled with every photometric op off but
             from the same random draws, so crops and flips of a seed are the same either way.
-        band_stats: ``{band: {"mean", "std"}}`` of the store (the loader's normalisation); needed
-            only to derive RGB from the MS tiles when no RGB partner is given.
-        rgb_scale: derived RGB = clip(DN * rgb_scale, 0, 1) of B04, B03, B02 after undoing the
-            normalisation. Sentinel-2 L1C DN are reflectance x 10000 and natural scenes rarely pass
-            a reflectance of 0.3, so 1/3000 is the usual true-colour stretch.
+        partners: whether the optical channels come from the aerial partner where a sample has
+            one (``train.ablation.hr_optical``); it selects the optical statistics too.
+        band_stats: the stats stage's statistics (``model_input.normalisation``); needed to
+            render views, not to sample them.
+        interpolation: ``bicubic`` (the authors' ``RandomResizedCrop``: antialiased, Keys
+            a = -0.5 as PIL and torch's ``antialias=True``) or ``bilinear`` (antialiased).
         blur_kernel: taps per axis of the Gaussian blur (odd).
-        bands: band order of the MS channels.
     """
 
     def __init__(
@@ -214,10 +240,10 @@ class MultiCrop:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         vflip_p: float = 0.0,
         optical_aug: bool = True,
+        partners: bool = True,
         band_stats: Mapping[str, Mapping[str, float]] | None = None,
-        rgb_scale: float = 1 / 3000,
+        interpolation: Interpolation = "bicubic",
         blur_kernel: int = BLUR_KERNEL,
-        bands: Sequence[str] = MS_BANDS,
     ) -> None:
         for name, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0 < scale[0] <= scale[1] <= 1:
@@ -230,19 +256,31 @@ class MultiCrop:
             raise ValueError("view sizes must be positive and n_local non-negative")
         if blur_kernel < 1 or blur_kernel % 2 == 0:
             raise ValueError(f"blur_kernel must be a positive odd integer, got {blur_kernel}")
+        smallest = min(global_size, local_size if n_local else global_size)
+        if optical_aug and blur_kernel // 2 >= smallest:
+            raise ValueError(
+                f"a {blur_kernel}-tap blur needs views larger than {blur_kernel // 2} px "
+                f"(reflect padding), got {smallest} px"
+            )
+        if interpolation not in _FILTERS:
+            raise ValueError(f"interpolation must be one of {sorted(_FILTERS)}: {interpolation!r}")
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.global_scale, self.local_scale, self.ratio = global_scale, local_scale, ratio
         self.vflip_p, self.optical_aug, self.blur_kernel = vflip_p, optical_aug, blur_kernel
-        self.rgb_scale = rgb_scale
-        self.rgb_index = [list(bands).index(b) for b in RGB_BANDS]
-        self.rgb_mean, self.rgb_std = _rgb_stats(band_stats)
+        self.partners, self.interpolation = partners, interpolation
+        self.mean: Tensor | None = None
+        self.std: Tensor | None = None
+        if band_stats is not None:
+            mean, std = normalisation(band_stats, partners)
+            self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+            self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
 
     @classmethod
     def for_training(
         cls, cfg: TrainConfig, band_stats: Mapping[str, Mapping[str, float]] | None = None
     ) -> MultiCrop:
-        """The views a training run with ``cfg`` draws: the loop and the teacher cache (which
-        must draw the same global views) both build it here."""
+        """The views a training run with ``cfg`` draws: the loop, ``deo views`` and the teacher
+        cache (which must draw the same global views) all build it here."""
         crops = cfg.crops
         return cls(
             global_size=crops.global_size,
@@ -251,8 +289,9 @@ class MultiCrop:
             global_scale=crops.global_scale,
             local_scale=crops.local_scale,
             optical_aug=cfg.ablation.optical_aug,
+            partners=cfg.ablation.hr_optical,
             band_stats=band_stats,
-            rgb_scale=crops.rgb_scale,
+            interpolation=crops.interpolation,
         )
 
     # ---- sampling -------------------------------------------------------------------------
@@ -296,6 +335,8 @@ class MultiCrop:
         sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, _SIGMA]
         blur_on = u[:, _BLUR_ON] < blur_p
         photometric = self.optical_aug
+        t_lo, t_hi = SOLARIZE_THRESHOLD
+        a_lo, a_hi = SOLARIZE_ADDITION
         return ViewParams(
             box=_sample_boxes(u, tile, scale, self.ratio),
             hflip=u[:, _HFLIP] < 0.5,
@@ -306,27 +347,43 @@ class MultiCrop:
             gray=(u[:, _GRAY] < GRAY_P) & photometric,
             blur_sigma=torch.where(blur_on & photometric, sigma, 0.0).float(),
             solarize=(u[:, _SOLARIZE] < solarize_p) & photometric,
+            solarize_threshold=(t_lo + (t_hi - t_lo) * u[:, _SOL_THRESHOLD]).float(),
+            solarize_addition=(a_lo + (a_hi - a_lo) * u[:, _SOL_ADDITION]).float(),
         )
 
     # ---- rendering ------------------------------------------------------------------------
 
     def apply(
-        self, ms: Tensor, rgb: Tensor | None, params: ViewParams, size: int
-    ) -> tuple[Tensor, Tensor]:
-        """One view of the batch, ``(ms_view (B, 10, s, s), rgb_view (B, 3, s, s))``.
+        self,
+        ms: Tensor,
+        rgb: Tensor | None,
+        has_rgb: Tensor | None,
+        params: ViewParams,
+        size: int,
+    ) -> Tensor:
+        """One view of the batch: the normalised model input ``(B, 10, size, size)`` float32.
 
-        A pure function of its arguments: the same record gives the same pixels, bit for bit.
-        The RGB view is cropped from ``rgb`` when given (its box scaled by ``T' / T`` if the
-        partner has another resolution), else derived from the MS view (``derive_rgb``).
+        ``ms`` is raw Sentinel-2 DN ``(B, 10, T, T)``, ``rgb`` the raw partners ``(B, 3, R, R)``
+        (or None), ``has_rgb`` ``(B,)`` which samples have one (None: none has). A pure
+        function of its arguments: the same record gives the same pixels, bit for bit.
         """
         if len(params) != ms.shape[0]:
             raise ValueError(f"{len(params)} view records for a batch of {ms.shape[0]}")
-        return self._render(ms, rgb, params, size, torch.arange(ms.shape[0]))
+        return self._render(ms, rgb, has_rgb, params, size, torch.arange(ms.shape[0]))
+
+    def whole(self, ms: Tensor, rgb: Tensor | None, has_rgb: Tensor | None, size: int) -> Tensor:
+        """The whole tile resampled to ``size``, unflipped and without colour augmentation."""
+        b, tile = ms.shape[0], ms.shape[-1]
+        params = self.sample_global(b, tile, 0, torch.Generator()).geometric_only()
+        params.box = torch.tensor([[0.0, 0.0, tile, tile]]).expand(b, 4).clone()
+        params.hflip = params.vflip = torch.zeros(b, dtype=torch.bool)
+        return self.apply(ms, rgb, has_rgb, params, size)
 
     def __call__(
         self,
         ms: Tensor,
         rgb: Tensor | None,
+        has_rgb: Tensor | None,
         generator: torch.Generator,
         global_params: list[ViewParams] | None = None,
     ) -> MultiCropBatch:
@@ -335,66 +392,69 @@ class MultiCrop:
         Fresh global records are drawn even when replaying, so a seed yields the same local views
         in a cached run as in an online one.
         """
-        b, tile = _check_batch(ms, rgb)
+        b, tile = _check_batch(ms, rgb, has_rgb)
         fresh = [self.sample_global(b, tile, v, generator) for v in range(N_GLOBAL)]
         local = [self.sample_local(b, tile, generator) for _ in range(self.n_local)]
         if global_params is None:
             global_params = fresh
         elif len(global_params) != N_GLOBAL or any(len(p) != b for p in global_params):
             raise ValueError(f"global_params must be {N_GLOBAL} records of {b} samples each")
-        g_ms, g_rgb = self._render_views(ms, rgb, global_params, self.global_size)
-        l_ms, l_rgb = self._render_views(ms, rgb, local, self.local_size)
-        return MultiCropBatch(g_ms, g_rgb, l_ms, l_rgb, list(global_params))
+        g_ms = self._render_views(ms, rgb, has_rgb, global_params, self.global_size)
+        l_ms = self._render_views(ms, rgb, has_rgb, local, self.local_size)
+        return MultiCropBatch(
+            g_ms, [v[:, :3] for v in g_ms], l_ms, [v[:, :3] for v in l_ms], list(global_params)
+        )
 
     def _render_views(
-        self, ms: Tensor, rgb: Tensor | None, records: list[ViewParams], size: int
-    ) -> tuple[list[Tensor], list[Tensor]]:
+        self,
+        ms: Tensor,
+        rgb: Tensor | None,
+        has_rgb: Tensor | None,
+        records: list[ViewParams],
+        size: int,
+    ) -> list[Tensor]:
         """Views of one size rendered as one batch of ``len(records) * B`` crops (fewer kernels);
         bit-equal to rendering them one by one, as rendering is per-sample independent."""
         if not records:
-            return [], []
+            return []
         b = ms.shape[0]
         image = torch.arange(b).repeat(len(records))
-        ms_v, rgb_v = self._render(ms, rgb, ViewParams.cat(records), size, image)
-        return list(ms_v.split(b)), list(rgb_v.split(b))
+        return list(self._render(ms, rgb, has_rgb, ViewParams.cat(records), size, image).split(b))
 
     def _render(
-        self, ms: Tensor, rgb: Tensor | None, params: ViewParams, size: int, image: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Crops ``params.box[k]`` of sample ``image[k]`` for every record ``k``.
-
-        Flips are folded into the crop: the mirrored box is cropped from a flipped copy of the
-        tile, so only the (small) input tiles are flipped, once per flip kind in use, never the
-        (larger, 10-channel) output views.
-        """
-        _, tile = _check_batch(ms, rgb)
+        self,
+        ms: Tensor,
+        rgb: Tensor | None,
+        has_rgb: Tensor | None,
+        params: ViewParams,
+        size: int,
+        image: Tensor,
+    ) -> Tensor:
+        """The view ``params.box[k]`` of sample ``image[k]`` for every record ``k``."""
+        _, tile = _check_batch(ms, rgb, has_rgb)
+        if self.mean is None or self.std is None:
+            raise ValueError(
+                "MultiCrop has no band statistics to normalise the views with: pass "
+                "band_stats (the stats stage's, e.g. deo.data.stats.read_stats(store))"
+            )
         p = params.to("cpu")
         if p.box.numel() and p.box[:, 2:].max() > tile * (1 + 1e-6):
             raise ValueError(
                 f"view boxes reach past the {tile}-pixel tile: sampled for another size?"
             )
-        kinds, rois = _flip_plan(p, image, ms.shape[0], tile)
-        rois = rois.to(ms.device)
-        ms_v = _crop(_flipped(ms.float(), kinds), rois, size, 1.0)
-        if rgb is None:
-            rgb_v = self.derive_rgb(ms_v)
-        else:
-            scale = rgb.shape[-1] / ms.shape[-1]
-            rgb_v = _crop(_flipped(rgb.float(), kinds), rois, size, scale).clamp_(0.0, 1.0)
-        rgb_v = self._photometric(rgb_v, p)
-        return ms_v.to(ms.dtype), rgb_v.to(ms.dtype if rgb is None else rgb.dtype)
-
-    def derive_rgb(self, ms: Tensor) -> Tensor:
-        """RGB in [0, 1] from normalised MS: B04, B03, B02 un-normalised to DN, times rgb_scale."""
-        if self.rgb_mean is None or self.rgb_std is None:
-            raise ValueError(
-                "no RGB partner was given and MultiCrop has no band_stats to derive RGB from the "
-                "MS channels: pass band_stats={band: {'mean', 'std'}} (the store's statistics)"
-            )
-        mean = self.rgb_mean.to(ms.device)[:, None, None]
-        std = self.rgb_std.to(ms.device)[:, None, None]
-        dn = ms[:, self.rgb_index].float() * std + mean
-        return (dn * self.rgb_scale).clamp(0.0, 1.0)
+        filt = _FILTERS[self.interpolation]
+        s2 = _resample(ms.float(), image, p, size, filt, 1.0)
+        optical = s2[:, list(S2_OPTICAL)]
+        if rgb is not None and has_rgb is not None:
+            rows = torch.nonzero(has_rgb.cpu()[image])[:, 0]
+            if rows.numel():
+                sub = p.index(rows)
+                aerial = _resample(rgb.float(), image[rows], sub, size, filt, rgb.shape[-1] / tile)
+                optical[rows.to(optical.device)] = aerial
+        optical = max_scale(optical)
+        optical = self._photometric(optical, p)
+        view = torch.cat([optical, s2[:, list(MS_ONLY)]], dim=1)
+        return view.sub_(self.mean.to(view.device)).div_(self.std.to(view.device))
 
     def _photometric(self, rgb: Tensor, p: ViewParams) -> Tensor:
         """DINO's colour pipeline in its order: jitter, grayscale, blur, solarize (in place).
@@ -410,6 +470,14 @@ class MultiCrop:
             rows = slice(start, start + step)
             _photometric_rows_(rgb[rows], p.index(rows), self.blur_kernel)
         return rgb
+
+
+def max_scale(optical: Tensor) -> Tensor:
+    """The authors' per-crop scaling: each view's optical channels divided by their maximum
+    (over channels and pixels, when above ``MAX_EPS``), then clipped to [0, 1] (in place)."""
+    peak = optical.amax(dim=(1, 2, 3), keepdim=True)
+    scaled = torch.where(peak > MAX_EPS, optical / peak, optical)
+    return scaled.clamp_(0.0, 1.0)
 
 
 # ---- sampling helpers ------------------------------------------------------------------------
@@ -429,7 +497,8 @@ def _sample_boxes(
 
     Each sample tries ``CROP_ATTEMPTS`` (area, log-ratio) pairs and keeps the first that fits the
     tile; if none fits, it falls back to the largest centred box with the ratio clamped to the
-    range (torchvision's rule). Corners are not rounded to pixels: ``roi_align`` samples any box.
+    range (torchvision's rule). Corners are not rounded to pixels (torchvision rounds them to
+    the one image grid it has; here one box cuts two grids, Sentinel-2's and the partner's).
     """
     area = tile * tile * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
@@ -449,70 +518,159 @@ def _sample_boxes(
     return box.float()
 
 
+# ---- resampling ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Filter:
+    """A resampling kernel: ``fn(x)`` on float64 offsets in input pixels, zero past ``support``."""
+
+    fn: Callable[[Tensor], Tensor]
+    support: float
+
+
+def _bicubic(x: Tensor) -> Tensor:
+    """Keys' cubic with a = -0.5: PIL's and torch's antialiased bicubic (``aa_filter``)."""
+    a = -0.5
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _triangle(x: Tensor) -> Tensor:
+    return (1 - x.abs()).clamp(min=0)
+
+
+_FILTERS: dict[str, _Filter] = {
+    "bicubic": _Filter(_bicubic, 2.0),
+    "bilinear": _Filter(_triangle, 1.0),
+}
+
+
+def _taps(lo: Tensor, hi: Tensor, size: int, extent: int, filt: _Filter) -> tuple[Tensor, Tensor]:
+    """Weights float32 and source indices int64, ``(K, size, n)``, of resampling ``[lo, hi)``.
+
+    torch's ``interpolate(..., antialias=True, align_corners=False)`` (PIL's resampling) of the
+    box taken as the image: output pixel ``i`` is centred at ``lo + (i + 0.5) * scale`` with
+    ``scale = (hi - lo) / size``, the kernel is stretched by ``max(scale, 1)``, and it is cut
+    to the pixels the box touches (then renormalised), as cropping first would. For an integer
+    box this equals cropping then resizing; taps past a sample's own count have weight 0.
+    """
+    lo, hi = lo.double(), hi.double()
+    scale = (hi - lo) / size
+    stretch = scale.clamp(min=1.0)
+    support = filt.support * stretch
+    center = lo[:, None] + (torch.arange(size, dtype=torch.float64) + 0.5) * scale[:, None]
+    first = lo.floor().clamp(min=0)[:, None]
+    stop = hi.ceil().clamp(max=extent)[:, None]
+    start = torch.maximum((center - support[:, None] + 0.5).floor(), first)
+    end = torch.minimum((center + support[:, None] + 0.5).floor(), stop)
+    n = max(int((end - start).max().item()), 1)
+    index = start[..., None] + torch.arange(n, dtype=torch.float64)
+    valid = index < end[..., None]
+    weight = torch.where(
+        valid, filt.fn((index - center[..., None] + 0.5) / stretch[:, None, None]), 0.0
+    )
+    total = weight[..., 0].clone()
+    for t in range(1, n):  # a fixed order: zero-weight padding taps leave the sum unchanged
+        total += weight[..., t]
+    weight = weight / torch.where(total != 0, total, 1.0)[..., None]
+    index = torch.where(valid, index, start[..., None]).long()
+    return weight.float(), index
+
+
+def _resample(
+    x: Tensor, image: Tensor, p: ViewParams, size: int, filt: _Filter, spatial_scale: float
+) -> Tensor:
+    """``(K, C, size, size)``: the box of record ``k`` (scaled by ``spatial_scale``) of
+    ``x[image[k]]``, resampled separably (rows, then columns), flipped as the record says.
+
+    A flip reverses the tap tables along the output axis, so the flipped view is computed with
+    exactly the arithmetic of the unflipped one.
+    """
+    box = p.box.double() * spatial_scale
+    height, width = x.shape[-2:]
+    wy, iy = _taps(box[:, 1], box[:, 3], size, height, filt)
+    wx, ix = _taps(box[:, 0], box[:, 2], size, width, filt)
+    wy, iy = _flip_rows(wy, iy, p.vflip)
+    wx, ix = _flip_rows(wx, ix, p.hflip)
+    k, channels = len(image), x.shape[1]
+    out = torch.empty(k, channels, size, size, dtype=x.dtype, device=x.device)
+    budget = _CPU_CHUNK_BYTES if x.device.type == "cpu" else _DEVICE_CHUNK_BYTES
+    per_record = channels * size * max(width, size) * x.element_size()
+    step = max(1, budget // per_record)
+    flat = x.reshape(-1, width)
+    for start in range(0, k, step):
+        rows = slice(start, start + step)
+        out[rows] = _resample_chunk(
+            flat, image[rows], (wy[rows], iy[rows]), (wx[rows], ix[rows]), channels, height
+        )
+    return out
+
+
+def _flip_rows(weight: Tensor, index: Tensor, flip: Tensor) -> tuple[Tensor, Tensor]:
+    """Tap tables with the output axis reversed for the flipped records."""
+    mask = flip[:, None, None]
+    return torch.where(mask, weight.flip(1), weight), torch.where(mask, index.flip(1), index)
+
+
+def _resample_chunk(
+    flat: Tensor,
+    image: Tensor,
+    rows: tuple[Tensor, Tensor],
+    cols: tuple[Tensor, Tensor],
+    channels: int,
+    height: int,
+) -> Tensor:
+    """One chunk of ``_resample``: ``flat`` is the input as ``(B * C * H, W)`` rows."""
+    device = flat.device
+    (wy, iy), (wx, ix) = rows, cols
+    k, size = wy.shape[:2]
+    width = flat.shape[1]
+    plane = (image[:, None] * channels + torch.arange(channels)[None]) * height  # (k, C)
+    vertical = _tap_sum(flat, plane[:, :, None, None] + iy[:, None], wy, device)  # (k,C,s,W)
+    across = vertical.transpose(-1, -2).reshape(-1, size)  # (k*C*W, s): columns as rows
+    base = (torch.arange(k)[:, None] * channels + torch.arange(channels)[None]) * width
+    horizontal = _tap_sum(across, base[:, :, None, None] + ix[:, None], wx, device)  # (k,C,s,s)
+    return horizontal.transpose(-1, -2)
+
+
+def _tap_sum(rows: Tensor, index: Tensor, weight: Tensor, device: torch.device) -> Tensor:
+    """``sum_t weight[k, i, t] * rows[index[k, c, i, t]]`` as ``(k, C, size, row length)``:
+    one gather, multiply and add per tap, in tap order."""
+    k, channels, size, n = index.shape
+    index = index.to(device)
+    weight = weight.to(device)[:, None, :, :, None]  # (k, 1, size, n, 1)
+    acc: Tensor | None = None
+    for t in range(n):
+        picked = rows.index_select(0, index[..., t].reshape(-1)).view(k, channels, size, -1)
+        term = picked.mul_(weight[:, :, :, t])
+        acc = term if acc is None else acc.add_(term)
+    assert acc is not None
+    return acc
+
+
 # ---- rendering helpers -----------------------------------------------------------------------
 
 
-def _check_batch(ms: Tensor, rgb: Tensor | None) -> tuple[int, int]:
-    """Batch size and tile side of a square ``(B, C, T, T)`` batch (and a matching partner)."""
-    if ms.ndim != 4 or ms.shape[-1] != ms.shape[-2]:
-        raise ValueError(f"ms must be (B, C, T, T), got {tuple(ms.shape)}")
+def _check_batch(ms: Tensor, rgb: Tensor | None, has_rgb: Tensor | None) -> tuple[int, int]:
+    """Batch size and tile side of a square ``(B, 10, T, T)`` batch (and a matching partner)."""
+    if ms.ndim != 4 or ms.shape[1] != len(MS_BANDS) or ms.shape[-1] != ms.shape[-2]:
+        raise ValueError(f"ms must be (B, {len(MS_BANDS)}, T, T), got {tuple(ms.shape)}")
     if rgb is not None and (
         rgb.ndim != 4 or rgb.shape[:2] != (ms.shape[0], 3) or rgb.shape[-1] != rgb.shape[-2]
     ):
-        raise ValueError(f"rgb must be (B, 3, T', T') beside ms {tuple(ms.shape)}, got {rgb.shape}")
-    if not ms.is_floating_point() or (rgb is not None and not rgb.is_floating_point()):
-        raise TypeError("ms and rgb must be floating point (normalised MS, RGB in [0, 1])")
+        raise ValueError(f"rgb must be (B, 3, R, R) beside ms {tuple(ms.shape)}, got {rgb.shape}")
     if rgb is not None and rgb.device != ms.device:
         raise ValueError(f"ms is on {ms.device} but rgb on {rgb.device}")
+    if has_rgb is not None and (has_rgb.shape != (ms.shape[0],) or has_rgb.dtype != torch.bool):
+        raise ValueError(
+            f"has_rgb must be bool ({ms.shape[0]},), got {has_rgb.dtype} {has_rgb.shape}"
+        )
+    if has_rgb is not None and rgb is None and bool(has_rgb.any()):
+        raise ValueError("has_rgb marks partners, but no rgb was given")
     return ms.shape[0], ms.shape[-1]
-
-
-def _rgb_stats(
-    band_stats: Mapping[str, Mapping[str, float]] | None,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Mean and std of B04, B03, B02 (R, G, B order) from the store's per-band statistics."""
-    if band_stats is None:
-        return None, None
-    if missing := [b for b in RGB_BANDS if b not in band_stats]:
-        raise ValueError(f"band_stats lack {missing}, needed to derive RGB from MS")
-    mean = torch.tensor([band_stats[b]["mean"] for b in RGB_BANDS], dtype=torch.float32)
-    std = torch.tensor([band_stats[b]["std"] for b in RGB_BANDS], dtype=torch.float32)
-    return mean, std
-
-
-def _crop(x: Tensor, boxes: Tensor, size: int, spatial_scale: float) -> Tensor:
-    """Bilinear crop-and-resize of ``boxes`` ``(K, 5)`` = (image, x0, y0, x1, y1) to ``size``².
-
-    ``aligned=True`` treats pixel ``i`` as the interval ``[i, i + 1)``, so output pixel ``j``
-    samples ``x0 + (j + 0.5) * w / size - 0.5`` (align_corners=False; a full-tile box equals
-    ``F.interpolate(..., mode="bilinear", align_corners=False)``). Shrinking boxes average
-    ``ceil(w / size)``² bilinear samples per output pixel (adaptive sampling_ratio), a box
-    prefilter against aliasing.
-    """
-    return roi_align(x, boxes.to(x.dtype), size, spatial_scale, sampling_ratio=-1, aligned=True)
-
-
-def _flip_plan(p: ViewParams, image: Tensor, batch: int, tile: int) -> tuple[list[int], Tensor]:
-    """Flip kinds in use (0 none, 1 h, 2 v, 3 both) and ``roi_align`` rows (source, box).
-
-    Record ``k`` crops its box mirrored within the tile from the copy of sample ``image[k]``
-    flipped the record's way; copies of one kind are stacked ``batch`` apart (see ``_flipped``).
-    """
-    kind = p.hflip.long() + 2 * p.vflip.long()
-    kinds = torch.unique(kind)
-    source = torch.searchsorted(kinds, kind) * batch + image
-    x0, y0, x1, y1 = p.box.unbind(dim=1)
-    x0, x1 = torch.where(p.hflip, tile - x1, x0), torch.where(p.hflip, tile - x0, x1)
-    y0, y1 = torch.where(p.vflip, tile - y1, y0), torch.where(p.vflip, tile - y0, y1)
-    rois = torch.stack([source.to(x0), x0, y0, x1, y1], dim=1)
-    return kinds.tolist(), rois
-
-
-def _flipped(x: Tensor, kinds: list[int]) -> Tensor:
-    """``x`` flipped each of the ``kinds`` ways, stacked on the batch axis (no copy for [0])."""
-    dims = {0: (), 1: (-1,), 2: (-2,), 3: (-2, -1)}
-    copies = [x.flip(dims[k]) if dims[k] else x for k in kinds]
-    return copies[0] if len(copies) == 1 else torch.cat(copies)
 
 
 def _rows(mask: Tensor, device: torch.device) -> Tensor | None:
@@ -565,7 +723,9 @@ def _photometric_rows_(rgb: Tensor, p: ViewParams, blur_kernel: int) -> None:
     if (rows := _rows(p.blur_sigma > 0, rgb.device)) is not None:
         rgb[rows] = _blur(rgb[rows], p.blur_sigma[p.blur_sigma > 0], blur_kernel)
     if (rows := _rows(p.solarize, rgb.device)) is not None:
-        rgb[rows] = solarize(rgb[rows])
+        threshold = p.solarize_threshold[p.solarize].to(rgb.device)
+        addition = p.solarize_addition[p.solarize].to(rgb.device)
+        rgb[rows] = solarize(rgb[rows], threshold, addition)
 
 
 def _color_jitter_(rgb: Tensor, p: ViewParams) -> None:
@@ -615,6 +775,8 @@ def _blur_axis(padded: Tensor, taps: Tensor, dim: int) -> Tensor:
     return acc
 
 
-def solarize(rgb: Tensor, threshold: float = SOLARIZE_THRESHOLD) -> Tensor:
-    """Solarize: invert pixels at or above ``threshold`` (torchvision's ``x >= t -> 1 - x``)."""
-    return torch.where(rgb >= threshold, 1.0 - rgb, rgb)
+def solarize(rgb: Tensor, threshold: Tensor, addition: Tensor) -> Tensor:
+    """kornia's solarize with per-sample ``threshold`` and ``addition`` ``(B,)``: add, clip to
+    [0, 1], then invert the pixels at or above the threshold (``x >= t -> 1 - x``)."""
+    x = (rgb + addition[:, None, None, None]).clamp(0.0, 1.0)
+    return torch.where(x >= threshold[:, None, None, None], 1.0 - x, x)

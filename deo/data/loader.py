@@ -10,38 +10,28 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from deo.data.stats import read_stats
+from deo.data.bands import MS_BANDS
 from deo.data.store import ShardReader, open_store, read_store_table, store_bands
 from deo.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-def _normalisation(stats: dict, bands: Sequence[str], where: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band mean and std as float32 ``(C, 1, 1)`` arrays, in the store's band order."""
-    missing = [b for b in bands if b not in stats]
-    if missing:
-        raise DataError(where, f"normalisation statistics lack band(s) {missing}")
-    mean = np.array([stats[b]["mean"] for b in bands], dtype=np.float32)
-    std = np.array([stats[b]["std"] for b in bands], dtype=np.float32)
-    if bad := [b for b, s in zip(bands, std, strict=True) if not s > 0]:
-        raise DataError(where, f"normalisation std of band(s) {bad} is not positive")
-    return mean[:, None, None], std[:, None, None]
-
-
 class PretrainDataset(Dataset):
-    """Samples of the pre-training store (optionally one split), normalised for the model.
+    """Samples of the pre-training store (optionally one split), raw as stored.
 
-    Items are ``{"s2": float32 (10, T, T) = (x - mean) / std per band, "rgb": float32 (3, T, T)
-    in [0, 1] (with ``with_rgb``), "index": int64 store row}``. Normalisation statistics come
-    from the store's ``stats`` attr unless ``stats`` is given.
+    Items are ``{"s2": uint16 (10, T, T) Sentinel-2 DN, "index": int64 store row}`` and, with
+    ``with_rgb``, ``"rgb": uint8 (3, R, R)`` (the aerial partner, zeros without one) and
+    ``"has_rgb": bool`` (the table's flag). Normalisation happens after the views are cut
+    (``deo.data.augment.MultiCrop``): the optical channels are scaled per crop first, so the
+    loader cannot normalise, and raw integers are also the cheapest to move to the device.
 
     Reads go through ``ShardReader``: one call per array per batch, which opens the shard files
     it needs itself. The dataset therefore holds no Zarr object (whose asyncio loop thread does
@@ -54,30 +44,44 @@ class PretrainDataset(Dataset):
         table: Path | None = None,
         split: str | None = None,
         with_rgb: bool = False,
-        stats: dict | None = None,
     ) -> None:
         self.store = Path(store)
         self.with_rgb = with_rgb
         group = open_store(self.store)
         if with_rgb and "rgb" not in group.array_keys():
             raise DataError(self.store, "with_rgb=True, but the store was built without 'rgb'")
+        if store_bands(group) != MS_BANDS:
+            raise DataError(self.store, f"bands {store_bands(group)}, expected {MS_BANDS}")
         n = group["s2"].shape[0]
+        frame = None
+        if table is not None:
+            frame = read_store_table(table, group)
+        elif split is not None or with_rgb:
+            raise ValueError(
+                "split=... and with_rgb=True need the store's sample table (table=...)"
+            )
         if split is None:
             self.rows = np.arange(n, dtype=np.int64)
-        elif table is None:
-            raise ValueError(f"split={split!r} needs the store's sample table (table=...)")
         else:
-            splits = read_store_table(table, group)["split"].to_numpy()
-            self.rows = np.flatnonzero(splits == split).astype(np.int64)
+            self.rows = np.flatnonzero(frame["split"].to_numpy() == split).astype(np.int64)
             if len(self.rows) == 0:
                 raise DataError(table, f"no samples in split {split!r}")
+        self.has_rgb = np.zeros(n, dtype=bool)
+        if with_rgb:
+            if "has_rgb" not in frame:
+                raise DataError(table, "no 'has_rgb' column: rebuild the store (contract C1)")
+            self.has_rgb = frame["has_rgb"].to_numpy(dtype=bool)
         self.samples_per_shard = group["s2"].shards[0]
-        self.mean, self.std = _normalisation(
-            read_stats(group) if stats is None else stats, store_bands(group), self.store
-        )
         names = ("s2", "rgb") if with_rgb else ("s2",)
         self._readers = {name: ShardReader(group[name]) for name in names}
-        log.info("%s: %d samples (split %s), arrays %s", self.store, len(self.rows), split, names)
+        log.info(
+            "%s: %d samples (split %s), arrays %s, %d with a partner",
+            self.store,
+            len(self.rows),
+            split,
+            names,
+            int(self.has_rgb[self.rows].sum()),
+        )
 
     @property
     def shard_ids(self) -> np.ndarray:
@@ -93,12 +97,13 @@ class PretrainDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """Items ``indices`` in the order asked, read in one ``ShardReader`` call per array."""
         rows = self.rows[np.asarray(indices, dtype=np.int64)]
-        s2 = np.subtract(self._readers["s2"].read(rows), self.mean, dtype=np.float32)
-        s2 /= self.std  # (x - mean) / std in two passes, without a float32 copy of x first
-        batch = {"s2": torch.from_numpy(s2), "index": torch.from_numpy(rows)}
+        batch = {
+            "s2": torch.from_numpy(self._readers["s2"].read(rows)),
+            "index": torch.from_numpy(rows),
+        }
         if self.with_rgb:
-            rgb = np.divide(self._readers["rgb"].read(rows), 255, dtype=np.float32)
-            batch["rgb"] = torch.from_numpy(rgb)
+            batch["rgb"] = torch.from_numpy(self._readers["rgb"].read(rows))
+            batch["has_rgb"] = torch.from_numpy(self.has_rgb[rows])
         return [{k: v[j] for k, v in batch.items()} for j in range(len(rows))]
 
 

@@ -9,7 +9,13 @@ Conventions:
   standard deviations by an amount that depends on how much of the scene was padded. The same
   rule applies to the ``rgb`` channels (keys ``R``, ``G``, ``B``), whose padding is 0 too;
 - values are in the stored units (Sentinel-2 digital numbers, RGB 0..255);
-- the standard deviation is the population one (divide by the count, not count - 1).
+- the standard deviation is the population one (divide by the count, not count - 1);
+- the model's optical channels (``deo.data.model_input``) get statistics of their own, of the
+  input as training feeds it: per sample, the aerial partner where ``has_rgb`` (else B04, B03,
+  B02) divided by its maximum over the three channels (``optical_*``), and Sentinel-2's RGB so
+  scaled for every sample (``optical_s2_*``, for runs without the partners). Training scales
+  per crop; the statistics scale per whole tile, which global crops (40-100 % of the tile) are
+  close to.
 
 The store is far larger than memory, so moments are accumulated per block in float64 and
 combined with Chan et al.'s parallel update of (count, mean, M2), which stays accurate where a
@@ -29,6 +35,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from deo.data.model_input import MAX_EPS, OPTICAL, OPTICAL_S2, S2_OPTICAL
 from deo.data.store import RGB_CHANNELS, ShardReader, open_store, store_bands
 from deo.errors import DataError
 
@@ -97,6 +104,41 @@ def _split_rows(group: zarr.Group, table: pd.DataFrame | None, split: str | None
     return np.flatnonzero(table["split"].to_numpy() == split)
 
 
+def _partner_flags(group: zarr.Group, table: pd.DataFrame | None) -> np.ndarray:
+    """Per store row, whether its optical input is the aerial partner (the table's flag)."""
+    n = group["s2"].shape[0]
+    if "rgb" not in group.array_keys():
+        return np.zeros(n, dtype=bool)
+    if table is None or "has_rgb" not in table:
+        raise DataError(
+            _where(group),
+            "the store holds 'rgb' but no sample table with a 'has_rgb' column was given: the "
+            "optical statistics need it (table=...; contract C1)",
+        )
+    if len(table) != n:
+        raise DataError(_where(group), f"the sample table has {len(table)} rows for {n} samples")
+    return table["has_rgb"].to_numpy(dtype=bool)
+
+
+def max_scaled(x: np.ndarray) -> np.ndarray:
+    """``(samples, 3, H, W)`` divided per sample by its maximum (above ``MAX_EPS``), float64."""
+    x = x.astype(np.float64)
+    peak = x.max(axis=(1, 2, 3), keepdims=True)
+    return np.divide(x, peak, out=x, where=peak > MAX_EPS)
+
+
+def _optical_moments(
+    s2: np.ndarray, rgb: np.ndarray | None, partner: np.ndarray
+) -> tuple[Moments, Moments]:
+    """Moments of the max-scaled optical input (partners where present; Sentinel-2's only)."""
+    own = max_scaled(s2[:, list(S2_OPTICAL)])
+    s2_only = Moments.of_block(own)
+    if rgb is None or not partner.any():
+        return s2_only, s2_only
+    mixed = Moments.of_block(own[~partner]).merge(Moments.of_block(max_scaled(rgb[partner])))
+    return mixed, s2_only
+
+
 def band_stats(
     store: Path | zarr.Group,
     table: pd.DataFrame | None = None,
@@ -107,10 +149,11 @@ def band_stats(
 ) -> dict[str, dict[str, float]]:
     """``{band: {"mean", "std", "count"}}`` over the valid pixels of ``split``'s samples.
 
-    Covers the ``s2`` bands (by the store's band names) and, when the store has ``rgb``, the
-    channels ``R``, ``G``, ``B``. ``block`` samples are read and reduced at a time, by
-    ``threads`` threads (decoding and numpy release the GIL); the blocks' moments are merged in
-    block order, so the result does not depend on ``threads``.
+    Covers the ``s2`` bands (by the store's band names), when the store has ``rgb`` the
+    channels ``R``, ``G``, ``B``, and the model's optical input (``OPTICAL``, ``OPTICAL_S2``;
+    with ``rgb`` this needs ``table``'s ``has_rgb``). ``block`` samples are read and reduced at
+    a time, by ``threads`` threads (decoding and numpy release the GIL); the blocks' moments are
+    merged in block order, so the result does not depend on ``threads``.
     """
     group = store if isinstance(store, zarr.Group) else open_store(store)
     rows = _split_rows(group, table, split)
@@ -119,11 +162,18 @@ def band_stats(
     names = {"s2": store_bands(group)}
     if "rgb" in group.array_keys():
         names["rgb"] = RGB_CHANNELS
+    partner = _partner_flags(group, table)
     readers = {name: ShardReader(group[name]) for name in names}
+    names |= {"optical": OPTICAL, "optical_s2": OPTICAL_S2}
     moments = {name: Moments.empty(len(bands)) for name, bands in names.items()}
 
     def reduce(part: np.ndarray) -> dict[str, Moments]:
-        return {name: Moments.of_block(reader.read(part)) for name, reader in readers.items()}
+        arrays = {name: reader.read(part) for name, reader in readers.items()}
+        out = {name: Moments.of_block(x) for name, x in arrays.items()}
+        out["optical"], out["optical_s2"] = _optical_moments(
+            arrays["s2"], arrays.get("rgb"), partner[part]
+        )
+        return out
 
     parts = [rows[start : start + block] for start in range(0, len(rows), block)]
     with ThreadPoolExecutor(max_workers=threads) as pool:

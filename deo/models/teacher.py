@@ -382,8 +382,13 @@ class VFMTeacher(nn.Module):
                 self._digest = hashlib.sha256(spec).hexdigest()
         return self._digest
 
-    def forward(self, rgb: Tensor) -> TeacherOutputs:
-        """rgb (B, 3, H, W) in [0, 1], H and W multiples of the patch size -> targets."""
+    def forward(self, rgb: Tensor, *, normalised: bool = False) -> TeacherOutputs:
+        """rgb (B, 3, H, W) in [0, 1], H and W multiples of the patch size -> targets.
+
+        ``normalised``: ``rgb`` is the model's normalised optical channels (channels 0-2 of a
+        view), used as they are: the authors feed DINOv3 ``ms_data[:, :3]`` without
+        re-normalising it to the weights' statistics.
+        """
         if rgb.ndim != 4 or rgb.shape[1] != 3 or not rgb.is_floating_point():
             raise ValueError(
                 f"teacher expects float (B, 3, H, W) RGB in [0, 1], got {rgb.dtype} "
@@ -397,7 +402,7 @@ class VFMTeacher(nn.Module):
             )
         take = sorted({self.mid_layer, self.final_layer})
         with torch.no_grad():
-            x = (rgb - self._mean) / self._std
+            x = rgb if normalised else (rgb - self._mean) / self._std
             layers = self.model.forward_intermediates(
                 x,
                 indices=take,

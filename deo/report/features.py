@@ -55,22 +55,22 @@ def feature_maps(
     n_samples: int = 4,
 ) -> None:
     backbone, cfg = student_from_checkpoint(checkpoint)
-    dataset = PretrainDataset(store, table, with_rgb="rgb" in open_store(store).array_keys())
+    partners = cfg.ablation.hr_optical and "rgb" in open_store(store).array_keys()
+    dataset = PretrainDataset(store, table, with_rgb=partners)
     picks = np.linspace(0, len(dataset) - 1, n_samples).round().astype(int).tolist()
     batch = torch.utils.data.default_collate(dataset.__getitems__(picks))
-    ms = batch["s2"]
-    if "rgb" in batch and batch["rgb"].flatten(1).amax(1).gt(0).all():
-        rgb = batch["rgb"]
-    else:
-        rgb = MultiCrop(band_stats=read_stats(store), rgb_scale=cfg.crops.rgb_scale).derive_rgb(ms)
-    size = (ms.shape[-1] // 16) * 16  # the VFM needs whole 16-pixel patches
-    ms, rgb = ms[..., :size, :size], rgb[..., :size, :size]
+    multicrop = MultiCrop(partners=partners, band_stats=read_stats(store))
+    size = (batch["s2"].shape[-1] // 16) * 16  # the VFM needs whole 16-pixel patches
+    # the whole tile as the model's normalised input, unaugmented (deo.data.model_input)
+    ms = multicrop.whole(batch["s2"], batch.get("rgb"), batch.get("has_rgb"), size)
+    rgb = ms[:, :3]
 
-    columns = {"input (RGB)": rgb.permute(0, 2, 3, 1).clamp(0, 1).numpy()}
+    shown = rgb * multicrop.std[:3] + multicrop.mean[:3]  # back to the max-scaled [0, 1]
+    columns = {"input (optical channels)": shown.permute(0, 2, 3, 1).clamp(0, 1).numpy()}
     columns["student, MS path"] = pca_rgb(backbone(ms, "ms").patch_mid)
     if cfg.ablation.optical_path:
         columns["student, RGB path"] = pca_rgb(backbone(rgb, "rgb").patch_mid)
-    vfm = VFMTeacher(teacher)(rgb)
+    vfm = VFMTeacher(teacher)(rgb, normalised=True)
     grid_tokens = vfm.patch_mid.transpose(1, 2).unflatten(2, vfm.grid)
     label = "VFM teacher (random tiny ViT)" if teacher.tiny else f"VFM teacher ({teacher.arch})"
     columns[label] = pca_rgb(grid_tokens)

@@ -32,7 +32,7 @@ class CropConfig:
     n_local: int = 10
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
-    rgb_scale: float = 1 / 3000
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # the authors' RandomResizedCrop
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,6 @@ from deo.cache.reader import CachedTargets
 from deo.cache.spec import GlobalViews
 from deo.config import digest, to_dict
 from deo.data.augment import MultiCrop
-from deo.data.loader import PretrainDataset, make_loader
-from deo.data.stats import read_stats
 from deo.models.teacher import TeacherConfig, VFMTeacher
 from deo.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from deo.train.config import TrainConfig
@@ -40,6 +38,7 @@ from deo.train.distributed import (
     init_distributed,
     shutdown,
 )
+from deo.train.inputs import render_views, training_data, view_generator
 from deo.train.meta_arch import DualTeacherDistillation, StudentWithHeads
 from deo.train.schedules import Schedules, build_schedules
 
@@ -170,17 +169,9 @@ def _train(
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.config.write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)
-
-    dataset = PretrainDataset(store, table, split="train", with_rgb=cfg.ablation.hr_optical)
-    loader = make_loader(
-        dataset,
-        cfg.batch_size // ctx.world_size,
-        workers=cfg.workers,
-        seed=cfg.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
+    generator = view_generator(cfg, ctx.rank)
+    data = training_data(cfg, store, table, rank=ctx.rank, world_size=ctx.world_size)
+    loader, multicrop = data.loader, data.multicrop
     sampler = loader.batch_sampler
     steps_per_epoch = len(sampler)
     schedules = build_schedules(
@@ -194,13 +185,12 @@ def _train(
         momentum=cfg.optim.momentum,
         freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
     )
-    multicrop = MultiCrop.for_training(cfg, read_stats(store))
 
     if cache is None:
         vfm = VFMTeacher(teacher_cfg).to(ctx.device) if cfg.uses_vfm else None
         vfm_dim, vfm_digest = None, vfm.weights_digest() if vfm is not None else None
     else:
-        views = GlobalViews.of(multicrop, with_rgb=cfg.ablation.hr_optical)
+        views = GlobalViews.of(multicrop)
         vfm, vfm_dim = None, cache.verify_run(teacher_cfg, store, table, views)
         vfm_digest = cache.meta["teacher"]["weights_digest"]
     torch.manual_seed(cfg.seed)  # the same initial student (and so EMA teacher) on every rank
@@ -323,14 +313,7 @@ def _step(
     for group in optimizer.param_groups:
         group["lr"] = values["lr"]
         group["weight_decay"] = values["wd"] if group["apply_wd"] else 0.0
-    ms = batch["s2"].to(ctx.device, non_blocking=True)
-    rgb = batch["rgb"].to(ctx.device, non_blocking=True) if "rgb" in batch else None
-    targets = None
-    if cache is None:
-        views = multicrop(ms, rgb, generator)
-    else:  # two of the K cached global views, replayed exactly; local views stay fresh
-        global_params, targets = cache.draw(batch["index"], generator, ctx.device)
-        views = multicrop(ms, rgb, generator, global_params=global_params)
+    views, targets = render_views(multicrop, batch, generator, ctx.device, cache)
     with autocast:
         terms = model(views, student, targets=targets, world_size=ctx.world_size)
     loss = terms["loss"]

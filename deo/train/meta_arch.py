@@ -123,8 +123,8 @@ class DualTeacherDistillation(nn.Module):
         return self._vfm[0]
 
     def vfm_targets(self, global_rgb: list[Tensor]) -> list[TeacherOutputs]:
-        """The VFM's outputs for each global view (online mode)."""
-        return [self.vfm(view) for view in global_rgb]
+        """The VFM's outputs for each global view (online mode): its normalised channels 0-2."""
+        return [self.vfm(view, normalised=True) for view in global_rgb]
 
     def forward(
         self,

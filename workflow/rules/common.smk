@@ -382,6 +382,7 @@ def all_targets():
         "results/report/coreg.png",
         "results/report/runtimes.png",
         *expand("results/report/features_{run}.png", run=RUNS),
+        *expand("results/report/views_{run}.png", run=RUNS),
         "results/summary.csv",
         *[f"results/evaluate/{b}/{m}/seed{s}.csv" for b, m, s in expected_jobs()],
     ]

@@ -91,3 +91,39 @@ rule plot_runtimes:
         jobs=runtime_args(),
     shell:
         "deo plot runtimes {params.jobs} --out {output} 2> {log}"
+
+
+rule dump_views:
+    input:
+        unpack(distill_inputs),
+    output:
+        directory("results/views/{run}"),
+    log:
+        "logs/views/{run}.log",
+    conda:
+        ENV
+    params:
+        train=lambda wildcards: train_params(wildcards.run),
+        teacher=teacher_params(),
+        cache=teacher_cache_arg,
+    shell:
+        "deo views --train {params.train:q} --teacher {params.teacher:q} {params.cache}"
+        " --store {input.store} --table {input.table} --out {output} --batches 1 2> {log}"
+
+
+rule plot_views:
+    input:
+        "results/views/{run}",
+    output:
+        report(
+            "results/report/views_{run}.png",
+            caption="../report/views.rst",
+            category="Training",
+            subcategory="{run}",
+        ),
+    log:
+        "logs/report/plot_views_{run}.log",
+    conda:
+        ENV
+    shell:
+        "deo plot views {input}/batch_0000.npz --out {output} 2> {log}"
