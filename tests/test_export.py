@@ -25,6 +25,7 @@ from deo.models.export import (
     from_torchgeo,
     from_torchvision,
     load_backbone,
+    to_torchgeo,
     torchgeo_mismatches,
 )
 from deo.models.input_spec import MODEL_BANDS, RELEASED_DEO, InputSpec, training_input_spec
@@ -208,3 +209,38 @@ def test_torchgeo_export_refusals(tmp_path: Path) -> None:
         from_torchgeo({"features.0.0.norm1.weight": torch.zeros(1)}, "x.pth")
     with pytest.raises(ConfigError, match="unknown modality"):
         export_backbone(student, W4, tmp_path / "b.safetensors", modality="sar")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("optical_path", [True, False])
+def test_export_run_writes_backbone_spec_and_torchgeo_layout(
+    tmp_path: Path, optical_path: bool
+) -> None:
+    from fakes import TINY_TRAIN
+
+    from deo.config import to_dict
+    from deo.train.checkpoint import save_checkpoint
+    from deo.train.config import parse_train
+    from deo.train.finish import export_run
+
+    cfg = parse_train({**TINY_TRAIN, "ablation": {"optical_path": optical_path}})
+    student = build(cfg.student, with_rgb=optical_path)
+    checkpoint = tmp_path / "checkpoint.pt"
+    state = {f"backbone.{k}": v for k, v in student.state_dict().items()}
+    save_checkpoint(checkpoint, {"config": json.dumps({"train": to_dict(cfg)}), "student": state})
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps(STATS))
+    summary = export_run(checkpoint, tmp_path / "export", stats)
+    out = tmp_path / "export"
+    assert json.loads((out / "export.json").read_text()) == summary
+    loaded, _ = load_backbone(out / "backbone.safetensors")
+    assert loaded.state_dict().keys() == student.state_dict().keys()
+    spec = InputSpec.read(out / "input_spec.json")
+    assert spec == training_input_spec(STATS, cfg.student.img_size, cfg.student.window_size)
+    if optical_path:
+        assert summary["torchgeo"] == "deo_torchgeo.pth"
+        assert summary["torchgeo_deo_strict"] is False  # a tiny model is not DEO()'s shape
+        exported = torch.load(out / "deo_torchgeo.pth", weights_only=True)
+        assert exported.keys() == to_torchgeo(student).keys()
+    else:
+        assert summary["torchgeo"] is None
+        assert "without an optical path" in summary["torchgeo_refused"]

@@ -38,7 +38,7 @@ BACKBONE_FORMAT = "deo-backbone"
 BACKBONE_FORMAT_VERSION = "2"
 
 TORCHGEO_WEIGHTS = "deo_torchgeo.pth"
-TORCHGEO_SPEC = "deo_torchgeo.json"
+TORCHGEO_SPEC = "input_spec.json"  # the run's input spec, beside every export
 # torchgeo's DEO names (its ``feat_extr`` wraps torchvision's swin_b) for ours.
 _TORCHGEO_PREFIX = "feat_extr."
 _TORCHGEO_EMBED = {"ms": "conv_ms", "rgb": "conv_rgb"}
@@ -252,8 +252,8 @@ def export_torchgeo(
     """Write ``deo_torchgeo.pth`` (torchgeo's DEO state dict, ``torch.save``) and its spec.
 
     The state dict holds tensors only, so ``torch.load(weights_only=True)`` reads it;
-    ``deo_torchgeo.json`` beside it is the input spec (band order, normalisation). Returns
-    both paths.
+    ``input_spec.json`` beside it is the input spec (band order, normalisation), the file
+    the evaluation looks for beside any weights. Returns both paths.
     """
     _check_same_config(student, cfg)
     if spec.window_size != cfg.window_size or len(spec.bands) != cfg.ms_channels:

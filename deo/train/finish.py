@@ -10,7 +10,13 @@ from pathlib import Path
 import pandas as pd
 
 from deo.errors import ConfigError
-from deo.models.export import export_backbone, export_torchgeo, to_torchgeo, torchgeo_mismatches
+from deo.models.export import (
+    TORCHGEO_SPEC,
+    export_backbone,
+    export_torchgeo,
+    to_torchgeo,
+    torchgeo_mismatches,
+)
 from deo.models.input_spec import training_input_spec
 from deo.models.student import DualEmbedSwin
 from deo.train.checkpoint import load_checkpoint
@@ -58,14 +64,16 @@ def export_run(checkpoint: Path, out: Path, stats: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"{stats}: cannot read the store's band statistics: {err}") from err
     spec = training_input_spec(band_stats, cfg.student.img_size, cfg.student.window_size)
+    # The run's input, whatever the layout: the evaluation reads it beside the backbone.
+    spec.write(out / TORCHGEO_SPEC)
+    summary["input_spec"] = TORCHGEO_SPEC
     try:
-        weights, spec_path = export_torchgeo(backbone, cfg.student, out, spec)
+        weights, _ = export_torchgeo(backbone, cfg.student, out, spec)
     except ConfigError as e:
         log.warning("no torchgeo export: %s", e)
         summary["torchgeo_refused"] = str(e)
     else:
         summary["torchgeo"] = weights.name
-        summary["input_spec"] = spec_path.name
         # Whether torchgeo.models.DEO() (swin_b, window 12) takes it strictly as it stands.
         summary["torchgeo_deo_strict"] = not torchgeo_mismatches(to_torchgeo(backbone))
     (out / "export.json").write_text(json.dumps(summary, indent=2))
