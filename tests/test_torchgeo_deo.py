@@ -35,7 +35,6 @@ from deo.models.export import (
     TORCHGEO_WEIGHTS,
     export_torchgeo,
     released_deo_shapes,
-    to_torchgeo,
 )
 from deo.models.input_spec import MODEL_BANDS, RELEASED_DEO
 
@@ -169,10 +168,3 @@ def test_our_export_loads_strictly_into_torchgeos_deo_and_gives_its_stages(
             stages = torchgeo_forward_features(reference, torch.from_numpy(fx.fixture_input(case)))
             errors = fx.relative_errors(case, [s.numpy() for s in stages], stored)
             assert max(errors.values()) <= TOLERANCE, (case, errors)
-
-
-def test_export_equals_the_loaded_file_tensor_for_tensor(encoder: LoadedEncoder) -> None:
-    exported = to_torchgeo(encoder.model)
-    state = torchgeo_state()
-    assert exported.keys() == state.keys()
-    assert all(torch.equal(exported[k], state[k]) for k in state)

@@ -13,7 +13,6 @@ which is why it is a switch and not a constant (``benchmarks/gpu_check.py`` comp
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from typing import Literal
 
@@ -31,10 +30,14 @@ ATTENTION_SETTINGS: tuple[str, ...] = ("auto", "sdpa", "xformers")
 _XFORMERS_ALIGN = 8
 
 
-@functools.cache
+# Looked up once at import: the per-call resolution then reads a constant, which torch.compile
+# traces without a graph break.
+_XFORMERS = importlib.util.find_spec("xformers") is not None
+
+
 def xformers_available() -> bool:
-    """Whether the xformers package can be imported (checked once per process)."""
-    return importlib.util.find_spec("xformers") is not None
+    """Whether the xformers package can be imported."""
+    return _XFORMERS
 
 
 def check_setting(setting: str) -> None:
