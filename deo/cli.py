@@ -182,7 +182,7 @@ def _views(a: argparse.Namespace) -> None:
 def _export(a: argparse.Namespace) -> None:
     from deo.train.finish import export_run
 
-    export_run(a.checkpoint, a.out)
+    export_run(a.checkpoint, a.out, a.stats)
 
 
 def _tiny_teacher(a: argparse.Namespace) -> None:
@@ -442,6 +442,7 @@ def _parser() -> argparse.ArgumentParser:
     s = cmd("export", _export, "write the student backbone (and torchgeo's Swin layout)")
     s.add_argument("--checkpoint", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--stats", type=Path, required=True, help="the store's stats.json")
 
     s = cmd("tiny-teacher", _tiny_teacher, "write the tiny random-weight teacher of the demo")
     s.add_argument("--teacher", required=True, help="the teacher section (JSON)")

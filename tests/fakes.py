@@ -15,7 +15,7 @@ from deo.data.store import ShardWriter, merge_shards
 
 TINY_TRAIN = {
     "student": {
-        "arch": "swin_tiny_patch4_window7_224",
+        "arch": "swin_t",
         "window_size": 4,
         "img_size": 32,
         "embed_dim": 16,

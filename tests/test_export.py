@@ -1,9 +1,8 @@
-"""Backbone export: deo's own file, and torchvision-Swin weights checked by running both models.
+"""Backbone export: deo's own file, torchgeo's DEO layout with its input spec, and the renames.
 
-Equivalence is established by computation, not by reading key names: the torchvision model
-built from the exported state dict must produce the student's stage maps and pooled embedding
-on inputs whose stage grids are multiples of the window (the regime where torchvision's
-unmasked padding never comes into play).
+That the torchgeo layout computes torchgeo's function at the released size is checked against
+torchgeo's own code in test_torchgeo_deo.py; here, on tiny models, the layout's names and the
+refusals.
 """
 
 from __future__ import annotations
@@ -15,41 +14,29 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 from safetensors import safe_open
 from safetensors.torch import save_file
-from timm.layers import PatchEmbed
-from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
-from torch import Tensor, nn
-from torchvision.models.swin_transformer import _patch_merging_pad
 
 from deo import __version__
-from deo.data.bands import MS_BANDS
 from deo.errors import ConfigError
 from deo.models.export import (
-    TIMM_MERGE_ORDER,
-    TORCHVISION_MERGE_ORDER,
     export_backbone,
     export_torchgeo,
+    from_torchgeo,
+    from_torchvision,
     load_backbone,
-    relative_position_index,
-    to_torchvision_swin,
-    torchvision_swin,
+    to_torchgeo,
+    torchgeo_mismatches,
 )
+from deo.models.input_spec import MODEL_BANDS, RELEASED_DEO, InputSpec, training_input_spec
 from deo.models.student import DualEmbedSwin, StudentConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4)}
-
-
-def small(window: int, img_size: int, **kw) -> StudentConfig:
-    return StudentConfig(window_size=window, img_size=img_size, drop_path_rate=0.0, **kw)
-
-
-W4 = small(4, 128, **SMALL)  # 256 px input: grids 64, 32, 16, 8 — every stage shifts
-W7 = small(7, 224, **SMALL)  # 224 x 448 input: grids 56x112 ... 7x14 — last stage shifts in W only
-# The paper's window on a tiny model: 384 px gives grids 96, 48, 24, 12.
-W12 = small(12, 384, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
-PAPER = StudentConfig(arch="swin_base_patch4_window12_384", window_size=12, img_size=224)
+W4 = StudentConfig(window_size=4, img_size=128, drop_path_rate=0.0, **SMALL)
+W7 = StudentConfig(window_size=7, img_size=224, drop_path_rate=0.0, **SMALL)
+STATS = {b: {"mean": 1000.0 + i, "std": 500.0 + i} for i, b in enumerate(MODEL_BANDS)}
 
 
 @pytest.fixture(scope="module")
@@ -69,133 +56,8 @@ def build(cfg: StudentConfig, seed: int = 0, with_rgb: bool = True) -> DualEmbed
     return model
 
 
-def image(channels: int, hw: tuple[int, int], batch: int = 2, seed: int = 1) -> Tensor:
+def image(channels: int, hw: tuple[int, int], batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, channels, *hw, generator=torch.Generator().manual_seed(seed))
-
-
-def torchvision_stages(model: torchvision.models.SwinTransformer, x: Tensor) -> list[Tensor]:
-    """Each stage's output of a torchvision Swin (features 1, 3, 5, 7), as NCHW."""
-    stages = []
-    for index, layer in enumerate(model.features):
-        x = layer(x)
-        if index % 2 == 1:
-            stages.append(x.permute(0, 3, 1, 2))
-    return stages
-
-
-def exported(student: DualEmbedSwin, modality: str = "ms") -> torchvision.models.SwinTransformer:
-    channels = student.embedding(modality).proj.in_channels
-    model = torchvision_swin(student.cfg, channels).eval()
-    model.load_state_dict(to_torchvision_swin(student, modality), strict=True)
-    return model
-
-
-def assert_same_features(
-    student: DualEmbedSwin, model: nn.Module, x: Tensor, modality: str = "ms"
-) -> None:
-    """Stage maps and pooled embedding of the torchvision model equal the student's."""
-    with torch.no_grad():
-        expected = student(x, modality)
-        stages = torchvision_stages(model, x)
-        last = stages[-1].permute(0, 2, 3, 1)
-        pooled = model.norm(last).mean(dim=(1, 2))
-    assert len(stages) == len(expected.stages)
-    for got, want in zip(stages, expected.stages, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(pooled, expected.pooled, rtol=1e-5, atol=1e-5)
-
-
-# --------------------------------------------------------------------------- layout conventions
-
-
-def test_merge_orders_describe_the_libraries() -> None:
-    # Each constant is checked against its own library: slot k of the concatenation holds
-    # the input at (2i + dr, 2j + dc) for offset (dr, dc) = ORDER[k].
-    dim = 3
-    x = torch.randn(1, 4, 6, dim)
-    merging = TimmPatchMerging(dim, out_dim=4 * dim)
-    merging.norm = nn.Identity()
-    with torch.no_grad():
-        merging.reduction.weight.copy_(torch.eye(4 * dim))
-        concatenations = {"timm": merging(x), "torchvision": _patch_merging_pad(x)}
-    for library, order in (("timm", TIMM_MERGE_ORDER), ("torchvision", TORCHVISION_MERGE_ORDER)):
-        cat = concatenations[library]
-        for slot, (dr, dc) in enumerate(order):
-            torch.testing.assert_close(
-                cat[..., slot * dim : (slot + 1) * dim], x[:, dr::2, dc::2], rtol=0, atol=0
-            )
-
-
-def test_relative_position_index_and_bias_match_torchvision(w4: DualEmbedSwin) -> None:
-    student = w4
-    fresh = torchvision_swin(W4, 10)
-    state = to_torchvision_swin(student)
-    key = "features.3.1.attn.relative_position_index"
-    assert torch.equal(state[key], fresh.state_dict()[key])
-    assert torch.equal(
-        relative_position_index(4), fresh.features[1][0].attn.relative_position_index
-    )
-    model = exported(student)
-    for stage in range(4):
-        for block in range(2):
-            timm_attn = student.layers[stage].blocks[block].attn
-            tv_attn = model.features[2 * stage + 1][block].attn
-            torch.testing.assert_close(
-                tv_attn.get_relative_position_bias(), timm_attn._get_rel_pos_bias(), rtol=0, atol=0
-            )
-
-
-def test_paper_backbone_has_torchvision_swin_b_names_and_shapes() -> None:
-    # Swin-B at img_size 384 keeps window 12 in every stage; structure only (meta device).
-    cfg = StudentConfig(arch=PAPER.arch, window_size=12, img_size=384)
-    with torch.device("meta"):
-        state = to_torchvision_swin(DualEmbedSwin(cfg))
-        model = torchvision_swin(cfg, 10)
-        reference = torchvision.models.swin_b(weights=None)  # window 7, 3 channels, 1000 classes
-    expected = model.state_dict()
-    assert state.keys() == expected.keys()
-    assert all(state[k].shape == expected[k].shape for k in state)
-    assert state["features.0.0.weight"].shape == (128, 10, 4, 4)
-    assert model.features[1][0].attn.window_size == [12, 12]
-    # The names are torchvision's Swin-B's, head aside; only the window-sized tables and the
-    # input conv differ in shape from the 3-channel window-7 model.
-    ref = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
-    assert state.keys() == ref.keys()
-    differing = {k for k in state if state[k].shape != ref[k].shape}
-    assert "features.0.0.weight" in differing
-    assert all(k == "features.0.0.weight" or "relative_position" in k for k in differing)
-
-
-# --------------------------------------------------------------------------- equivalence
-
-
-@pytest.mark.parametrize(
-    ("cfg", "hw"),
-    [(W4, (256, 256)), (W7, (224, 448)), (W12, (384, 384))],
-    ids=["window4", "window7-rect", "window12"],
-)
-def test_torchvision_model_computes_the_student_ms_path(
-    cfg: StudentConfig, hw: tuple[int, int]
-) -> None:
-    student = build(cfg)
-    assert_same_features(student, exported(student, "ms"), image(10, hw, batch=1))
-
-
-def test_rgb_export_uses_the_rgb_embedding(w4: DualEmbedSwin) -> None:
-    student = w4
-    ms_state = to_torchvision_swin(student, "ms")
-    rgb_state = to_torchvision_swin(student, "rgb")
-    assert rgb_state["features.0.0.weight"].shape == (16, 3, 4, 4)
-    assert torch.equal(rgb_state["features.0.0.weight"], student.rgb_embed.proj.weight)
-    assert torch.equal(rgb_state["features.0.2.bias"], student.rgb_embed.norm.bias)
-    # Only the patch embedding differs between the two modalities' exports.
-    assert {k for k in ms_state if not torch.equal(ms_state[k], rgb_state[k])} <= {
-        f"features.0.{i}.{leaf}" for i in (0, 2) for leaf in ("weight", "bias")
-    }
-    assert_same_features(student, exported(student, "rgb"), image(3, (128, 128)), "rgb")
-
-
-# --------------------------------------------------------------------------- deo backbone file
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -212,6 +74,7 @@ def test_backbone_round_trip_is_exact(tmp_path: Path, w4: DualEmbedSwin) -> None
     assert not loaded.training
     assert loaded.rgb_embed is not None
     assert cfg.window_size == 4 and cfg.img_size == 128 and cfg.depths == (2, 2, 2, 2)
+    assert cfg == W4
     for name, tensor in student.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     with torch.no_grad():
@@ -240,7 +103,7 @@ def test_backbone_file_is_pure_safetensors_with_metadata(tmp_path: Path, w4: Dua
     assert json.loads(meta["depths"]) == [2, 2, 2, 2]
     assert json.loads(meta["num_heads"]) == [1, 2, 2, 4]
     assert meta["modality"] == "rgb" and meta["in_chans"] == "3"
-    assert json.loads(meta["bands"]) == list(MS_BANDS)
+    assert json.loads(meta["bands"]) == list(MODEL_BANDS)
     names = {name for name in header if name != "__metadata__"}
     assert {"ms_embed.proj.weight", "rgb_embed.proj.weight", "norm.weight"} <= names
 
@@ -262,9 +125,7 @@ def test_loading_something_else_names_the_file(tmp_path: Path, w4: DualEmbedSwin
     torch.save(w4.state_dict(), pickled)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
-    torchgeo = tmp_path / "tv.pth"
-    export_torchgeo(w4, W4, torchgeo)
-    for path in (random_bytes, pickled, foreign, torchgeo.with_suffix(".safetensors")):
+    for path in (random_bytes, pickled, foreign):
         with pytest.raises(ConfigError, match=rf"{re.escape(path.name)}.*not a deo backbone"):
             load_backbone(path)
     with pytest.raises(ConfigError, match=r"missing\.safetensors"):
@@ -284,72 +145,102 @@ def test_backbone_whose_weights_do_not_fit_its_metadata(tmp_path: Path, w4: Dual
         load_backbone(path)
 
 
-# --------------------------------------------------------------------------- torchgeo export
+# --------------------------------------------------------------------------- torchgeo's DEO
 
 
-def test_torchgeo_export_loads_strictly_and_computes_the_student(
-    tmp_path: Path, w4: DualEmbedSwin
-) -> None:
-    student = w4
-    path = tmp_path / "deo_tiny.pth"
-    export_torchgeo(student, W4, path, modality="ms")
-    state = torch.load(path, weights_only=True)
-    model = torchvision_swin(W4, 10).eval()
-    model.load_state_dict(state, strict=True)
-    x = image(10, (128, 128), batch=1)
-    assert_same_features(student, model, x)
-    with torch.no_grad():  # the head is Identity: forward is norm -> token mean
-        torch.testing.assert_close(model(x), student(x).pooled, rtol=1e-5, atol=1e-5)
-
-    twin = path.with_suffix(".safetensors")
-    with safe_open(str(twin), framework="pt") as handle:
-        meta = handle.metadata()
-        assert set(handle.keys()) == set(state)
-        assert all(torch.equal(handle.get_tensor(k), state[k]) for k in state)
-    assert meta["format"] == "deo-torchvision-swin"
-    assert json.loads(meta["window_size"]) == [4, 4]
-    assert meta["in_chans"] == "10" and json.loads(meta["bands"]) == list(MS_BANDS)
+def test_torchgeo_layout_names_and_round_trip(tmp_path: Path, w4: DualEmbedSwin) -> None:
+    spec = training_input_spec(STATS, W4.img_size, W4.window_size)
+    weights, spec_path = export_torchgeo(w4, W4, tmp_path, spec)
+    state = torch.load(weights, weights_only=True)
+    assert len(state) == len(w4.state_dict())
+    assert all(k.startswith("feat_extr.") for k in state)
+    ours = w4.state_dict()
+    assert torch.equal(state["feat_extr.conv_ms.0.weight"], ours["ms_embed.proj.weight"])
+    assert torch.equal(state["feat_extr.conv_rgb.2.bias"], ours["rgb_embed.norm.bias"])
+    assert torch.equal(
+        state["feat_extr.features.6.1.attn.relative_position_index"],
+        ours["features.6.1.attn.relative_position_index"],
+    )
+    back = from_torchgeo(state, weights)
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+    # A tiny student is torchgeo's layout but not DEO()'s shapes; the difference is named.
+    problems = torchgeo_mismatches(state)
+    assert any("feat_extr.conv_ms.0.weight" in p for p in problems)
+    assert InputSpec.read(spec_path) == spec
 
 
-def test_refuses_windows_fitted_to_small_stage_grids(tmp_path: Path) -> None:
-    # img_size 64 gives grids 16, 8, 4, 2: timm fits window 7 down to 4 and 2 in the last two
-    # stages; torchvision has one window for all stages.
-    cfg = small(7, 64, **SMALL)
-    path = tmp_path / "deo.pth"
-    with pytest.raises(
-        ConfigError, match=r"stage 2 uses a \(4, 4\) window.*stage 3 uses a \(2, 2\)"
-    ):
-        export_torchgeo(build(cfg), cfg, path)
-    assert not path.exists() and not path.with_suffix(".safetensors").exists()
-    with pytest.raises(ConfigError, match="img_size >= 224"):
-        torchvision_swin(cfg, 10)
+def test_training_input_spec_is_the_authors_optical_then_store_statistics() -> None:
+    spec = training_input_spec(STATS, 224, 12)
+    assert spec.bands == MODEL_BANDS
+    assert spec.optical_channels == (0, 1, 2) and spec.optical_scale == "max"
+    assert spec.mean[:3] == RELEASED_DEO.mean[:3] and spec.std[:3] == RELEASED_DEO.std[:3]
+    assert spec.mean[3:] == tuple(1000.0 + i for i in range(3, 10))
+    assert spec.std[9] == 509.0
+    with pytest.raises(ConfigError, match="B12"):
+        training_input_spec({b: STATS[b] for b in MODEL_BANDS[:-1]}, 224, 12)
 
 
-def test_paper_config_at_224_is_refused_but_at_384_is_not() -> None:
-    # The last stage of Swin-B at 224 px is 7x7, so timm builds its window as 7, not 12.
-    with torch.device("meta"):
-        with pytest.raises(ConfigError, match=r"stage 3 uses a \(7, 7\) window"):
-            torchvision_swin(PAPER, 10)
-        torchvision_swin(StudentConfig(arch=PAPER.arch, window_size=12, img_size=384), 10)
+def test_torchvision_layout_maps_the_stem_to_one_embedding(w4: DualEmbedSwin) -> None:
+    ours = w4.state_dict()
+    tv = {"features.0.0.weight": ours["rgb_embed.proj.weight"], "norm.bias": ours["norm.bias"]}
+    tv["features.1.0.norm1.weight"] = ours["features.0.0.norm1.weight"]
+    tv["features.2.reduction.weight"] = ours["features.1.reduction.weight"]
+    mapped = from_torchvision(tv, "rgb")
+    assert set(mapped) == {
+        "rgb_embed.proj.weight",
+        "norm.bias",
+        "features.0.0.norm1.weight",
+        "features.1.reduction.weight",
+    }
+    with pytest.raises(ConfigError, match=r"head\.weight"):
+        from_torchvision({"head.weight": torch.zeros(1)}, "ms", "x.pth")
 
 
-def test_refuses_a_patch_size_other_than_four() -> None:
-    student = build(W4)
-    student.ms_embed = PatchEmbed(
-        img_size=128, patch_size=2, in_chans=10, embed_dim=16, output_fmt="NHWC",
-        norm_layer=nn.LayerNorm, strict_img_size=False,
-    )  # fmt: skip
-    with pytest.raises(ConfigError, match="ms patch size"):
-        to_torchvision_swin(student, "ms")
-
-
-def test_refuses_mismatched_config_and_missing_modality(tmp_path: Path) -> None:
+def test_torchgeo_export_refusals(tmp_path: Path) -> None:
     student = build(W4, with_rgb=False)
+    spec = training_input_spec(STATS, W4.img_size, W4.window_size)
     with pytest.raises(ConfigError, match="built from"):
-        export_torchgeo(student, W7, tmp_path / "a.pth")
-    with pytest.raises(ConfigError, match="no RGB embedding"):
-        export_torchgeo(student, W4, tmp_path / "a.pth", modality="rgb")
+        export_torchgeo(student, W7, tmp_path, spec)
+    with pytest.raises(ConfigError, match="without an optical path"):
+        export_torchgeo(student, W4, tmp_path, spec)
+    with pytest.raises(ConfigError, match="does not describe"):
+        export_torchgeo(build(W4), W4, tmp_path, RELEASED_DEO)  # window 12, not 4
+    with pytest.raises(ConfigError, match=r"x\.pth.*not a torchgeo DEO key"):
+        from_torchgeo({"features.0.0.norm1.weight": torch.zeros(1)}, "x.pth")
     with pytest.raises(ConfigError, match="unknown modality"):
-        to_torchvision_swin(student, "sar")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"\.pth"):
-        export_torchgeo(student, W4, tmp_path / "a.safetensors")
+        export_backbone(student, W4, tmp_path / "b.safetensors", modality="sar")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("optical_path", [True, False])
+def test_export_run_writes_backbone_spec_and_torchgeo_layout(
+    tmp_path: Path, optical_path: bool
+) -> None:
+    from fakes import TINY_TRAIN
+
+    from deo.config import to_dict
+    from deo.train.checkpoint import save_checkpoint
+    from deo.train.config import parse_train
+    from deo.train.finish import export_run
+
+    cfg = parse_train({**TINY_TRAIN, "ablation": {"optical_path": optical_path}})
+    student = build(cfg.student, with_rgb=optical_path)
+    checkpoint = tmp_path / "checkpoint.pt"
+    state = {f"backbone.{k}": v for k, v in student.state_dict().items()}
+    save_checkpoint(checkpoint, {"config": json.dumps({"train": to_dict(cfg)}), "student": state})
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps(STATS))
+    summary = export_run(checkpoint, tmp_path / "export", stats)
+    out = tmp_path / "export"
+    assert json.loads((out / "export.json").read_text()) == summary
+    loaded, _ = load_backbone(out / "backbone.safetensors")
+    assert loaded.state_dict().keys() == student.state_dict().keys()
+    spec = InputSpec.read(out / "input_spec.json")
+    assert spec == training_input_spec(STATS, cfg.student.img_size, cfg.student.window_size)
+    if optical_path:
+        assert summary["torchgeo"] == "deo_torchgeo.pth"
+        assert summary["torchgeo_deo_strict"] is False  # a tiny model is not DEO()'s shape
+        exported = torch.load(out / "deo_torchgeo.pth", weights_only=True)
+        assert exported.keys() == to_torchgeo(student).keys()
+    else:
+        assert summary["torchgeo"] is None
+        assert "without an optical path" in summary["torchgeo_refused"]

@@ -1,16 +1,35 @@
-"""Student backbone: any crop size with one set of weights, two embeddings over shared stages."""
+"""Student backbone: torchvision's Swin function, any crop size with one set of weights, two
+embeddings over shared stages, and the attention kernel switch.
+
+The reference for the function is torchvision itself: its ``shifted_window_attention`` (a
+matmul-softmax), run on the same modules by restoring their torchvision class. The released
+model's function at its real size is checked against torchgeo's code in test_torchgeo_deo.py.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import replace
 
 import pytest
-import timm
 import torch
+import torchvision
+from torchvision.models.swin_transformer import ShiftedWindowAttention
+from torchvision.ops import StochasticDepth
 
-from deo.models.student import DualEmbedSwin, StudentConfig, _window_attention
+from deo.errors import ConfigError
+from deo.models.attention import resolve_kernel, xformers_available
+from deo.models.student import (
+    TORCHVISION_ARCHS,
+    DualEmbedSwin,
+    StudentConfig,
+    WindowAttention,
+    window_attention,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Narrow but full-depth-pattern Swin: the window/size logic depends on grids, not widths.
 NARROW = {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4)}
@@ -26,7 +45,13 @@ def narrow(window: int, **kw) -> StudentConfig:
 
 def build(cfg: StudentConfig, seed: int = 0, with_rgb: bool = True) -> DualEmbedSwin:
     torch.manual_seed(seed)
-    return DualEmbedSwin(cfg, with_rgb=with_rgb).eval()
+    model = DualEmbedSwin(cfg, with_rgb=with_rgb).eval()
+    # Position tables far from their 0.02 init, so relative positions and masks matter.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                param.normal_()
+    return model
 
 
 def ms(px: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
@@ -35,6 +60,15 @@ def ms(px: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
 
 def rgb(px: int, batch: int = 1, seed: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(seed))
+
+
+def as_torchvision(model: DualEmbedSwin) -> DualEmbedSwin:
+    """A copy whose attention modules run torchvision's own forward (matmul attention)."""
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, WindowAttention):
+            module.__class__ = ShiftedWindowAttention
+    return reference
 
 
 @pytest.fixture(scope="module", params=[7, 12], ids=["window7", "window12"])
@@ -73,17 +107,123 @@ def test_no_state_leaks_between_input_sizes(windowed: DualEmbedSwin) -> None:
         assert torch.equal(a, b)
 
 
-def test_paper_arch_dims_come_from_the_arch_and_window_from_the_config() -> None:
+def test_paper_student_is_torchvision_swin_b_with_window_12() -> None:
     # Built on the meta device: only the structure is checked, no weights are materialised.
+    cfg = StudentConfig(arch="swin_b", window_size=12, img_size=224, drop_path_rate=0.5)
     with torch.device("meta"):
-        model = DualEmbedSwin(
-            StudentConfig(arch="swin_base_patch4_window12_384", window_size=12, img_size=224)
-        )
+        model = DualEmbedSwin(cfg)
     assert model.stage_dims == (128, 256, 512, 1024)
     assert model.distill_dims == (1024, 1024, 512)
-    windows = [block.window_size for stage in model.layers for block in stage.blocks]
-    # 12 where the 224 px grid is larger (56, 28, 14), clipped to the 7x7 last stage.
-    assert windows[0] == (12, 12) and windows[-1] == (7, 7)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 86e6 < n_params < 88e6, n_params
+    # torchgeo's DEO: 355 tensors (both embeddings, position indices, final norm, no head).
+    assert len(model.state_dict()) == 355
+    attns = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    assert all(a.window_size == [12, 12] for a in attns)
+    assert [a.shift_size for a in attns[:2]] == [[0, 0], [6, 6]]
+    # torchvision's stochastic depth: linear from 0 to the rate over the 24 blocks.
+    drops = [m.p for m in model.modules() if isinstance(m, StochasticDepth)]
+    assert drops == pytest.approx([0.5 * i / 23 for i in range(24)])
+
+
+@pytest.mark.parametrize("arch", sorted(TORCHVISION_ARCHS))
+def test_arch_widths_are_torchvisions_builders(arch: str) -> None:
+    with torch.device("meta"):
+        ours = DualEmbedSwin(StudentConfig(arch=arch, window_size=7))
+        theirs = getattr(torchvision.models, arch)()
+    shapes = {k: v.shape for k, v in ours.state_dict().items() if k.startswith("features.")}
+    expected = {
+        f"features.{int(k.split('.')[1]) - 1}.{k.split('.', 2)[2]}": v.shape
+        for k, v in theirs.state_dict().items()
+        if k.startswith("features.") and not k.startswith("features.0.")
+    }
+    assert shapes == expected
+
+
+@pytest.mark.parametrize("window", [7, 12])
+@pytest.mark.parametrize("size", [(24, 24), (12, 12), (6, 6), (3, 3), (13, 19), (56, 56)])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_equals_torchvisions(window: int, size: tuple, shifted: bool) -> None:
+    torch.manual_seed(window)
+    shift = [window // 2] * 2 if shifted else [0, 0]
+    module = WindowAttention(8, [window, window], shift, num_heads=2).eval()
+    with torch.no_grad():
+        module.relative_position_bias_table.normal_()
+        module.qkv.bias.normal_()
+        x = torch.randn(2, *size, 8)
+        ours = window_attention(module, x, resolve_kernel("sdpa", x.device))
+        reference = ShiftedWindowAttention.forward(module, x)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_student_is_torchvisions_function_at_padded_sizes(windowed: DualEmbedSwin) -> None:
+    reference = as_torchvision(windowed)
+    with torch.no_grad():
+        for x, modality in ((ms(224), "ms"), (ms(96), "ms"), (rgb(100), "rgb")):
+            ours, theirs = windowed(x, modality), reference(x, modality)
+            for a, b in zip(ours.stages, theirs.stages, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.pooled, theirs.pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_is_attended_to_as_in_torchvision() -> None:
+    # A 7x7 map in one 12x12 window: torchvision zero-pads to 144 tokens and every query
+    # attends to all 144 keys, the 95 padding keys being the qkv bias alone. Written out by
+    # hand on the padded window, and contrasted with attention over the 49 real keys only.
+    torch.manual_seed(0)
+    dim, win = 8, 12
+    module = WindowAttention(dim, [win, win], [0, 0], num_heads=1).eval()
+    with torch.no_grad():
+        module.relative_position_bias_table.normal_()
+        module.qkv.bias.normal_()
+        x = torch.randn(1, 7, 7, dim)
+        ours = window_attention(module, x, "sdpa")[0].reshape(49, dim)
+
+        tokens = torch.zeros(win, win, dim)
+        tokens[:7, :7] = x[0]
+        q, k, v = module.qkv(tokens.reshape(win * win, dim)).split(dim, dim=-1)
+        rows, cols = torch.arange(win).repeat_interleave(win), torch.arange(win).repeat(win)
+        table = module.relative_position_bias_table[:, 0]
+        bias = table[
+            (rows[:, None] - rows[None, :] + win - 1) * (2 * win - 1)
+            + (cols[:, None] - cols[None, :] + win - 1)
+        ]
+        logits = q @ k.T / math.sqrt(dim) + bias
+        real = ((rows < 7) & (cols < 7)).nonzero().flatten()
+        attended = module.proj(logits.softmax(-1) @ v)[real]
+        masked_logits = logits[:, real]
+        masked = module.proj(masked_logits.softmax(-1) @ v[real])[real]
+    torch.testing.assert_close(ours, attended, rtol=1e-5, atol=1e-5)
+    assert (ours - masked).abs().max() > 1e-2
+
+
+def test_attention_settings_resolve_and_fail_clearly() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_kernel("sdpa", cpu) == "sdpa"
+    assert resolve_kernel("auto", cpu) == "sdpa"
+    with pytest.raises(ConfigError, match="not one of"):
+        resolve_kernel("flash", cpu)
+    if xformers_available():
+        with pytest.raises(ConfigError, match="CUDA only"):
+            resolve_kernel("xformers", cpu)
+    else:
+        with pytest.raises(ConfigError, match="not installed"):
+            DualEmbedSwin(replace(TINY, attention="xformers"))
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and xformers_available()), reason="needs CUDA and xformers"
+)
+def test_xformers_equals_sdpa_on_gpu() -> None:
+    model = build(narrow(12)).cuda()
+    x = ms(96, batch=2).cuda()
+    with torch.no_grad():
+        model.set_attention("sdpa")
+        sdpa = model(x)
+        model.set_attention("xformers")
+        xformers = model(x)
+    for a, b in zip(sdpa.stages, xformers.stages, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_tiny_demo_config_is_fast_at_tiny_crops() -> None:
@@ -95,62 +235,6 @@ def test_tiny_demo_config_is_fast_at_tiny_crops() -> None:
             feats = model(ms(px, batch=4))
             assert time.perf_counter() - start < 1.0
             assert [s.shape[-1] for s in feats.stages] == sizes
-
-
-def test_equals_timm_swin_where_windows_divide_the_grid() -> None:
-    # At 224 px with window 7 no padding is needed: the per-call window logic must reproduce
-    # timm's own forward exactly, given the same weights under timm's names.
-    model = build(narrow(7), with_rgb=False)
-    reference = timm.create_model(
-        model.cfg.arch, pretrained=False, num_classes=0, in_chans=10, drop_path_rate=0.0, **NARROW
-    ).eval()
-    state = {k.replace("ms_embed.", "patch_embed."): v for k, v in model.state_dict().items()}
-    reference.load_state_dict(state, strict=True)
-    x = ms(224, batch=2)
-    with torch.no_grad():
-        feats = model(x)
-        expected = reference.forward_features(x)  # (B, H, W, C), final norm applied
-    got = model.norm(feats.patch_final.permute(0, 2, 3, 1))
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(feats.pooled, expected.mean(dim=(1, 2)), rtol=0, atol=1e-5)
-
-
-def test_padding_tokens_are_invisible() -> None:
-    # A 3x3 map (96 px, last stage) in a 7x7 window: attention must equal plain attention over
-    # the 9 real tokens with the matching entries of the relative-position table.
-    model = build(narrow(7))
-    block = model.layers[3].blocks[0]
-    attn = block.attn
-    x = torch.randn(2, 3, 3, block.dim)
-    with torch.no_grad():
-        got = _window_attention(block, x)
-        tokens = x.reshape(2, 9, -1)
-        q, k, v = attn.qkv(tokens).reshape(2, 9, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        rows, cols = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
-        rows, cols = rows.flatten(), cols.flatten()
-        win = attn.window_size[0]
-        index = (rows[:, None] - rows[None] + win - 1) * (2 * win - 1) + (
-            cols[:, None] - cols[None] + win - 1
-        )
-        bias = attn.relative_position_bias_table[index].permute(2, 0, 1)  # (heads, 9, 9)
-        weights = ((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
-        expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 9, -1)).reshape(x.shape)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-
-
-def test_shifted_windows_do_not_cross_the_wraparound_seam() -> None:
-    # 10 rows, window 7, shifted block: the roll moves rows 0-2 next to row 9 and padding
-    # completes their window. Row 0 may influence its image neighbours, never row 9.
-    model = build(narrow(7))
-    block = model.layers[0].blocks[1]
-    assert any(block.target_shift_size)
-    x = torch.randn(1, 10, 10, block.dim)
-    bumped = x.clone()
-    bumped[:, 0] += 3.0
-    with torch.no_grad():
-        delta = (_window_attention(block, bumped) - _window_attention(block, x)).abs()
-    assert delta[:, 9].max() == 0
-    assert delta[:, 1].max() > 0
 
 
 def test_pooled_is_layer_norm_then_token_mean_of_last_stage() -> None:
@@ -169,7 +253,7 @@ def test_rgb_and_ms_share_the_stages() -> None:
     model = build(TINY)
     assert model.embedding("ms") is not model.embedding("rgb")
     # One set of stage modules, whichever embedding ran.
-    stage_param = model.layers[0].blocks[0].attn.qkv.weight
+    stage_param = model.features[0][0].attn.qkv.weight
     assert sum(p is stage_param for p in model.parameters()) == 1
 
     model.zero_grad()
@@ -201,7 +285,7 @@ def test_ms_only_backbone_has_no_rgb_parameters() -> None:
 def test_backbone_state_dict_round_trips() -> None:
     source = build(TINY, seed=0)
     state = source.backbone_state_dict()
-    assert {k.split(".")[0] for k in state} == {"ms_embed", "rgb_embed", "layers", "norm"}
+    assert {k.split(".")[0] for k in state} == {"ms_embed", "rgb_embed", "features", "norm"}
     fresh = build(TINY, seed=123)
     fresh.load_state_dict(state, strict=True)
     with torch.no_grad():
@@ -219,5 +303,7 @@ def test_bad_inputs_and_config_fail_clearly() -> None:
         DualEmbedSwin(replace(TINY, mid_stage=-1))
     with pytest.raises(ValueError, match="outside"):
         DualEmbedSwin(replace(TINY, mid_stage=4))
-    with pytest.raises(ValueError, match="not a timm SwinTransformer"):
-        DualEmbedSwin(StudentConfig(arch="vit_tiny_patch16_224"))
+    with pytest.raises(ValueError, match="not a torchvision Swin"):
+        DualEmbedSwin(StudentConfig(arch="swin_base_patch4_window12_384"))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(ms(30))

@@ -6,6 +6,7 @@ the full-size architectures are only built on the meta device, so no weights are
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -17,13 +18,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from deo.errors import ConfigError
+from deo.models.attention import xformers_available
 from deo.models.teacher import (
+    EvaAttention,
     TeacherConfig,
     VFMTeacher,
     arch_depth,
     build_tiny_teacher_weights,
     check_weights,
     default_layers,
+    eva_attention,
     resolve_layers,
 )
 
@@ -310,3 +314,45 @@ def test_mid_equal_to_final_is_allowed() -> None:
     same = VFMTeacher(TeacherConfig(tiny=True, mid_layer=3, final_layer=3))
     out = same(_rgb())
     torch.testing.assert_close(out.patch_mid, out.patch_final, rtol=0, atol=0)
+
+
+def test_attention_routes_give_timms_matmul_attention(teacher: VFMTeacher) -> None:
+    # Reference: timm's own EvaAttention with its unfused (matmul-softmax) path. Candidates:
+    # the routed SDPA path (what runs by default) and the step-for-step copy that the xformers
+    # route runs, here with the SDPA kernel (xformers needs CUDA).
+    rgb = _rgb()
+    routed = teacher(rgb)
+    attns = [m for m in teacher.model.modules() if isinstance(m, EvaAttention)]
+    routes = [attn.forward for attn in attns]
+    try:
+        for attn in attns:
+            attn.forward = functools.partial(_unfused, attn)
+        reference = teacher(rgb)
+        for attn in attns:
+            attn.forward = functools.partial(_copied, attn)
+        copied = teacher(rgb)
+    finally:
+        for attn, route in zip(attns, routes, strict=True):
+            attn.forward = route
+    for out in (routed, copied):
+        torch.testing.assert_close(out.cls, reference.cls, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.patch_mid, reference.patch_mid, rtol=1e-5, atol=1e-5)
+
+
+def _unfused(attn: EvaAttention, x: Tensor, **kwargs) -> Tensor:
+    attn.fused_attn = False
+    try:
+        return EvaAttention.forward(attn, x, **kwargs)
+    finally:
+        attn.fused_attn = True
+
+
+def _copied(attn: EvaAttention, x: Tensor, rope=None, **kwargs) -> Tensor:
+    return eva_attention(attn, x, rope, "sdpa")
+
+
+def test_xformers_without_the_package_is_a_config_error() -> None:
+    if xformers_available():
+        pytest.skip("xformers is installed here")
+    with pytest.raises(ConfigError, match="xformers package is not installed"):
+        VFMTeacher(TeacherConfig(tiny=True, attention="xformers"))

@@ -133,7 +133,15 @@ def test_training_ran_and_exported(workdir: Path) -> None:
     assert len(metrics) > 0 and np.isfinite(metrics["loss"]).all()
     for column in ("compression", "expansion", "cls", "patch_final", "patch_mid", "lr", "wd"):
         assert column in metrics
-    assert (workdir / "results/train/deo/export/backbone.safetensors").is_file()
+    export = workdir / "results/train/deo/export"
+    assert (export / "backbone.safetensors").is_file()
+    # torchgeo's DEO layout and the input spec beside it (contract C2).
+    assert (export / "deo_torchgeo.pth").is_file()
+    assert json.loads((export / "input_spec.json").read_text())["bands"][:3] == [
+        "B04",
+        "B03",
+        "B02",
+    ]
     assert (workdir / "results/benchmarks/distill_deo.tsv").is_file()
 
 

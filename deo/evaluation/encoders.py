@@ -2,24 +2,34 @@
 
 Three kinds, so that every protocol runs the same code on each:
 
-- ``student``: our trained backbone, deo's safetensors export (``backbone.safetensors``);
+- ``student``: our trained backbone, deo's safetensors export (``backbone.safetensors``), with
+  the input spec ``deo export`` wrote beside it (``input_spec.json``);
 - ``random``: the same architecture with seeded random weights — the floor any pre-training
   has to clear on the same protocol;
-- ``torchvision``: an external checkpoint under ``torchvision.models.SwinTransformer`` names,
-  the layout torchgeo's Swin weights use, and so the layout of the authors' released
-  ``DEO_swin_b.pth``. It is mapped back into ``DualEmbedSwin`` (the inverse of
-  ``deo.models.export.to_torchvision_swin``), its architecture read off the tensor shapes.
+- ``torchvision``: an external checkpoint, in either of two layouts, its architecture read off
+  the tensor shapes:
+  - torchgeo's ``DEO`` (``feat_extr.*``: the authors' released ``DEO_swin_b.pth`` and our
+    ``deo_torchgeo.pth``): both patch embeddings, the MS one (``conv_ms``) and the optical one
+    (``conv_rgb``);
+  - ``torchvision.models.SwinTransformer`` (``features.0.0.weight``, ...): one stem, which is
+    the RGB path for 3 channels and the MS path otherwise.
 
-A torchvision-layout file holds one patch embedding: a 3-channel first conv is the RGB path, a
-10-channel one the MS path. Any other channel count (12- or 13-band Sentinel-2 checkpoints) is
-refused unless the checkpoint's band names are given, in which case the MS path's ten bands are
-selected from the conv's input channels by name. Pickled checkpoints are read with
-``torch.load(weights_only=True)``: a file that needs arbitrary code to unpickle is refused.
+The MS path's channels are always the model's ``MODEL_BANDS`` (R, G, B, B05 ... B12, contract
+C2). A checkpoint's own input bands are matched to them by name (``B4`` or ``B04``) from, in
+this order: the configured ``bands``, the checkpoint's input spec (a sidecar ``input_spec.json``
+or ``<weights>.json``, or safetensors metadata), its ``bands`` metadata; with none of them a
+10-channel checkpoint is taken to be in the released DEO's order (``B4 B3 B2 B5 ... B12``). The
+loaded encoder carries the checkpoint's input spec (torchgeo's DEO layout without one: the
+released model's, ``RELEASED_DEO``), so the evaluation normalises it as it was trained.
+
+Pickled checkpoints are read with ``torch.load(weights_only=True)``: a file that needs arbitrary
+code to unpickle is refused.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,38 +45,31 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from deo.data.bands import MS_BANDS
 from deo.errors import ConfigError
-from deo.models.export import (
-    TIMM_MERGE_ORDER,
-    TIMM_TO_TORCHVISION_BLOCK,
-    TIMM_TO_TORCHVISION_EMBED,
-    TORCHVISION_MERGE_ORDER,
-    load_backbone,
-    relative_position_index,
+from deo.models.export import from_torchgeo, from_torchvision, load_backbone
+from deo.models.input_spec import (
+    MODEL_BANDS,
+    RELEASED_DEO,
+    InputSpec,
+    normalise_band_names,
 )
-from deo.models.student import DualEmbedSwin, Modality, StudentConfig, StudentFeatures
+from deo.models.student import PATCH_SIZE, DualEmbedSwin, Modality, StudentConfig, StudentFeatures
 
 log = logging.getLogger(__name__)
 
 EncoderKind = Literal["student", "random", "torchvision"]
+Layout = Literal["torchgeo", "torchvision"]
 RANDOM_DIGEST = "random"
+SPEC_FILE = "input_spec.json"
 
 # Prefixes training frameworks put in front of a backbone's keys (DDP, wrapper modules).
 _WRAPPER_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
 # Containers a checkpoint may nest its state dict in.
 _NESTED_KEYS = ("state_dict", "model")
-# The architecture name only seeds timm's defaults; every width is overridden from the file.
-_BASE_ARCH = "swin_tiny_patch4_window7_224"
-_TV_PATCH = 4
+# The architecture name only names the family; every width is overridden from the file.
+_BASE_ARCH = "swin_b"
 
-_TV_EMBED = re.compile(r"features\.0\.(0|2)\.(weight|bias)$")
-_TV_MERGE = re.compile(r"features\.(\d+)\.(norm|reduction)\.(weight|bias)$")
-_TV_BLOCK = re.compile(r"features\.(\d+)\.(\d+)\.(.+)\.([^.]+)$")
-_TV_NORM = re.compile(r"norm\.(weight|bias)$")
-# torchvision sub-module -> timm's: the export's tables, inverted.
-_BLOCK_MODULES = {tv: timm for timm, tv in TIMM_TO_TORCHVISION_BLOCK.items()}
-_EMBED_MODULES = {tv: timm for timm, tv in TIMM_TO_TORCHVISION_EMBED.items()}
+_BLOCK_TABLE = re.compile(r"features\.(\d+)\.(\d+)\.attn\.relative_position_bias_table$")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class LoadedEncoder:
 
     ``modalities`` are the patch embeddings that hold loaded (or, for the floor, deliberately
     random) weights; asking for another one is an error, not a silently random path.
+    ``input_spec`` is how the model wants its input normalised (None: not known).
     """
 
     name: str
@@ -83,6 +87,7 @@ class LoadedEncoder:
     config: StudentConfig
     modalities: frozenset[str]
     digest: str
+    input_spec: InputSpec | None = None
 
 
 def load_encoder(
@@ -98,8 +103,7 @@ def load_encoder(
 
     ``student`` and ``torchvision`` need ``path``; ``random`` needs ``config`` (the
     architecture, normally the trained student's) and uses ``seed``. ``checkpoint_bands``
-    names the input channels of a torchvision-layout checkpoint whose first conv is neither
-    3- nor 10-channel.
+    names the MS input channels of an external checkpoint (either spelling, B4 or B04).
     """
     if kind == "random":
         if config is None:
@@ -118,9 +122,11 @@ def load_encoder(
     if kind == "student":
         model, cfg = load_backbone(path)
         modalities = {"ms"} | ({"rgb"} if model.rgb_embed is not None else set())
+        sidecar = path.parent / SPEC_FILE
+        spec = InputSpec.read(sidecar) if sidecar.is_file() else None
     elif kind == "torchvision":
-        model, cfg, modality = load_torchvision_checkpoint(path, checkpoint_bands)
-        modalities = {modality}
+        loaded = load_external_checkpoint(path, checkpoint_bands)
+        model, cfg, modalities, spec = loaded.model, loaded.config, loaded.modalities, loaded.spec
     else:
         raise ConfigError(f"encoder {name!r}: unknown kind {kind!r}")
     log.info("encoder %s: %s weights from %s (%s)", name, kind, path, sorted(modalities))
@@ -131,6 +137,7 @@ def load_encoder(
         config=cfg,
         modalities=frozenset(modalities),
         digest=file_sha256(path),
+        input_spec=spec,
     )
 
 
@@ -154,109 +161,138 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-# --------------------------------------------------------------------- torchvision layout
+# --------------------------------------------------------------------- external checkpoints
 
 
-def load_torchvision_checkpoint(
+@dataclass(frozen=True)
+class ExternalCheckpoint:
+    """An external checkpoint rebuilt as a ``DualEmbedSwin``: the paths it fills, its spec."""
+
+    model: DualEmbedSwin
+    config: StudentConfig
+    layout: Layout
+    modalities: frozenset[str]
+    spec: InputSpec | None
+
+
+def load_external_checkpoint(
     path: Path, checkpoint_bands: Sequence[str] | None = None
-) -> tuple[DualEmbedSwin, StudentConfig, Modality]:
-    """Rebuild a torchvision-layout Swin checkpoint as a ``DualEmbedSwin`` and the path it fills.
+) -> ExternalCheckpoint:
+    """Rebuild a torchgeo-DEO or torchvision-Swin checkpoint as a ``DualEmbedSwin``.
 
-    The architecture (width, depths, heads, window) is read from the tensor shapes; the
-    ``img_size`` is the smallest one at which every stage holds a whole window, so timm builds
-    the single window size torchvision uses in every stage. A safetensors file written by
-    ``deo.models.export.export_torchgeo`` names its modality and bands in its metadata.
+    The architecture (width, depths, heads, window) is read from the tensor shapes, the MS
+    conv's input channels are put in ``MODEL_BANDS`` order by band name, and every tensor of the
+    file must land in the model (the relative-position indices must equal torchvision's).
     """
-    state, metadata = _read_checkpoint(path)
-    state = _unwrap(state, path)
-    cfg = _config_from_shapes(state, path)
-    in_chans = state["features.0.0.weight"].shape[1]
-    modality = _modality(metadata, in_chans, cfg, path)
-    bands = list(checkpoint_bands) if checkpoint_bands else _metadata_bands(metadata)
-    mapped = from_torchvision_swin(state, modality, path)
-    # Channels are matched by band name whenever the checkpoint's bands are known or needed.
-    if modality == "ms" and (in_chans != cfg.ms_channels or bands not in (None, list(MS_BANDS))):
-        embed = mapped["ms_embed.proj.weight"]
-        mapped["ms_embed.proj.weight"] = select_bands(embed, bands, path)
-    model = DualEmbedSwin(cfg, with_rgb=modality == "rgb")
+    path = Path(path)
+    obj, metadata = _read_checkpoint(path)
+    state, layout = _unwrap(obj, path)
+    if layout == "torchgeo":
+        ours = from_torchgeo(state, path)
+    else:
+        head = [k for k in state if k.startswith("head.")]
+        if head:
+            log.info("%s: dropped the classifier head (%s)", path, ", ".join(head))
+        stem = {k: v for k, v in state.items() if not k.startswith("head.")}
+        in_chans = stem["features.0.0.weight"].shape[1]
+        ours = from_torchvision(stem, _modality(metadata, in_chans, path), path)
+    modalities = frozenset(m for m in ("ms", "rgb") if f"{m}_embed.proj.weight" in ours)
+    cfg = _config_from_shapes(ours, path)
+    spec = _checkpoint_spec(path, metadata, layout)
+    if "ms" in modalities:
+        bands = _checkpoint_bands(checkpoint_bands, spec, metadata, path)
+        ours["ms_embed.proj.weight"] = select_bands(ours["ms_embed.proj.weight"], bands, path)
+        cfg = dataclasses.replace(cfg, ms_channels=len(MODEL_BANDS))
+    if spec is not None:
+        spec = spec_in_model_order(spec, path)
+    model = DualEmbedSwin(cfg, with_rgb="rgb" in modalities)
+    _check_indices(ours, model, path)
     try:
-        missing, unexpected = model.load_state_dict(mapped, strict=False)
+        missing, unexpected = model.load_state_dict(ours, strict=False)
     except RuntimeError as err:
         raise ConfigError(
             f"{path}: weights do not fit the Swin read off their shapes: {err}"
         ) from err
-    # Only the other path's embedding may stay unfilled (an RGB checkpoint leaves ms_embed).
-    unfilled = [k for k in missing if modality == "ms" or not k.startswith("ms_embed.")]
+    # Only the MS embedding may stay unfilled (an RGB-only torchvision checkpoint).
+    unfilled = [k for k in missing if "ms" in modalities or not k.startswith("ms_embed.")]
     if unfilled or unexpected:
         raise ConfigError(
             f"{path}: weights do not fit the Swin read off their shapes "
             f"(missing {unfilled[:5]}, unexpected {unexpected[:5]})"
         )
-    return model.eval(), cfg, modality
+    log.info("%s: %s layout, paths %s, input spec %s", path, layout, sorted(modalities), spec)
+    return ExternalCheckpoint(model.eval(), cfg, layout, modalities, spec)
 
 
-def from_torchvision_swin(
-    state: dict[str, Tensor], modality: Modality, source: Path | str = "state dict"
-) -> dict[str, Tensor]:
-    """The inverse of ``to_torchvision_swin``: torchvision names -> ``DualEmbedSwin`` names.
-
-    The patch embedding goes to ``{modality}_embed``; a classifier head is dropped (logged);
-    the relative-position index buffers are checked against the one the student computes and
-    dropped (timm keeps its index out of the state dict). An unknown key fails loudly.
-    """
-    out: dict[str, Tensor] = {}
-    dropped: list[str] = []
-    for name, tensor in state.items():
-        if name.startswith("head."):
-            dropped.append(name)
-            continue
-        if name.endswith("attn.relative_position_index"):
-            _check_index(name, tensor, source)
-            continue
-        out_name, out_tensor = _unmap_key(name, tensor, modality, source)
-        out[out_name] = out_tensor.detach().clone().contiguous()
-    if dropped:
-        log.info("%s: dropped the classifier head (%s)", source, ", ".join(dropped))
-    return out
-
-
-def _modality(metadata: dict[str, str], in_chans: int, cfg: StudentConfig, path: Path) -> Modality:
-    """The path a one-embedding checkpoint fills: its metadata's word, else its channel count."""
-    modality = metadata.get("modality") or ("rgb" if in_chans == cfg.rgb_channels else "ms")
+def _modality(metadata: dict[str, str], in_chans: int, path: Path) -> Modality:
+    """The path a one-stem checkpoint fills: its metadata's word, else its channel count."""
+    modality = metadata.get("modality") or ("rgb" if in_chans == 3 else "ms")
     if modality not in ("ms", "rgb"):
         raise ConfigError(f"{path}: metadata names an unknown modality {modality!r}")
-    if modality == "rgb" and in_chans != cfg.rgb_channels:
-        raise ConfigError(
-            f"{path}: an RGB checkpoint must take {cfg.rgb_channels} channels, not {in_chans}"
-        )
+    if modality == "rgb" and in_chans != 3:
+        raise ConfigError(f"{path}: an RGB checkpoint must take 3 channels, not {in_chans}")
     return cast(Modality, modality)
 
 
-def _metadata_bands(metadata: dict[str, str]) -> list[str] | None:
-    """Band names an exported file records for its channels (our export writes [] if unknown)."""
-    return json.loads(metadata.get("bands", "null")) or None
+def _checkpoint_spec(path: Path, metadata: dict[str, str], layout: Layout) -> InputSpec | None:
+    """The checkpoint's input spec: sidecar file, metadata, or the released model's layout."""
+    for sidecar in (path.parent / SPEC_FILE, path.with_suffix(".json")):
+        if sidecar.is_file():
+            return InputSpec.read(sidecar)
+    if "input_spec" in metadata:
+        return InputSpec.from_json(metadata["input_spec"], f"{path} (metadata input_spec)")
+    return RELEASED_DEO if layout == "torchgeo" else None
 
 
-def select_bands(weight: Tensor, bands: Sequence[str] | None, source: Path | str) -> Tensor:
-    """The first conv's input channels for the MS path's ten bands, chosen by band name."""
+def _checkpoint_bands(
+    configured: Sequence[str] | None,
+    spec: InputSpec | None,
+    metadata: dict[str, str],
+    path: Path,
+) -> tuple[str, ...]:
+    """The MS conv's input bands, ESA spelling: configured, spec, metadata, else the release's."""
+    if configured:
+        return normalise_band_names(list(configured))
+    if spec is not None:
+        return spec.bands
+    recorded = json.loads(metadata.get("bands", "null"))
+    if recorded:
+        return normalise_band_names(recorded)
+    return RELEASED_DEO.bands
+
+
+def select_bands(weight: Tensor, bands: Sequence[str], source: Path | str) -> Tensor:
+    """The MS conv's input channels for ``MODEL_BANDS``, chosen by band name from ``bands``."""
     in_chans = weight.shape[1]
-    if bands is None:
-        raise ConfigError(
-            f"{source}: the first conv takes {in_chans} input channels but the MS path takes "
-            f"{len(MS_BANDS)} ({' '.join(MS_BANDS)}); a 3-channel checkpoint is read as the RGB "
-            f"path. Name the checkpoint's input bands (checkpoint_bands, e.g. the 13 Sentinel-2 "
-            f"L1C bands B01 ... B12) so the ten are selected by name"
-        )
     if len(bands) != in_chans:
         raise ConfigError(
-            f"{source}: {len(bands)} checkpoint band names given for a {in_chans}-channel conv"
+            f"{source}: {len(bands)} band names ({' '.join(bands)}) for a {in_chans}-channel "
+            f"first conv; name the checkpoint's input bands (evaluate.models.external.NAME."
+            f"bands, e.g. the 13 Sentinel-2 L1C bands B01 ... B12)"
         )
-    absent = [b for b in MS_BANDS if b not in bands]
+    absent = [b for b in MODEL_BANDS if b not in bands]
     if absent:
         raise ConfigError(f"{source}: the checkpoint has no input channel for band(s) {absent}")
-    index = torch.tensor([list(bands).index(b) for b in MS_BANDS])
-    log.info("%s: selected bands %s of its %d input channels", source, list(MS_BANDS), in_chans)
+    index = torch.tensor([list(bands).index(b) for b in MODEL_BANDS])
+    if index.tolist() != list(range(in_chans)):
+        log.info("%s: channels %s of its inputs %s", source, list(MODEL_BANDS), list(bands))
     return weight[:, index].contiguous()
+
+
+def spec_in_model_order(spec: InputSpec, source: Path | str) -> InputSpec:
+    """``spec`` with its channels reordered to ``MODEL_BANDS``, as the loaded conv is."""
+    absent = [b for b in MODEL_BANDS if b not in spec.bands]
+    if absent:
+        raise ConfigError(f"{source}: the input spec has no statistics for band(s) {absent}")
+    index = [spec.bands.index(b) for b in MODEL_BANDS]
+    optical = [spec.bands[c] for c in spec.optical_channels]
+    return dataclasses.replace(
+        spec,
+        bands=MODEL_BANDS,
+        optical_channels=tuple(MODEL_BANDS.index(b) for b in optical if b in MODEL_BANDS),
+        mean=tuple(spec.mean[i] for i in index),
+        std=tuple(spec.std[i] for i in index),
+    )
 
 
 def _read_checkpoint(path: Path) -> tuple[object, dict[str, str]]:
@@ -283,8 +319,8 @@ def _read_checkpoint(path: Path) -> tuple[object, dict[str, str]]:
         raise ConfigError(f"{path}: not a readable PyTorch checkpoint: {err}") from err
 
 
-def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
-    """The flat tensor dict inside a checkpoint, without wrapper prefixes."""
+def _unwrap(obj: object, path: Path) -> tuple[dict[str, Tensor], Layout]:
+    """The flat tensor dict inside a checkpoint, without wrapper prefixes, and its layout."""
     if isinstance(obj, dict):
         for key in _NESTED_KEYS:
             if isinstance(obj.get(key), dict):
@@ -300,40 +336,48 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
             if state and all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix) :]: v for k, v in state.items()}
                 stripped = True
-    if "features.0.0.weight" not in state:
-        raise ConfigError(
-            f"{path}: not a torchvision Swin state dict (no 'features.0.0.weight'; "
-            f"keys start {sorted(state)[:3]})"
-        )
-    return state
+    if "feat_extr.conv_ms.0.weight" in state or "feat_extr.conv_rgb.0.weight" in state:
+        return state, "torchgeo"
+    if "features.0.0.weight" in state:
+        return state, "torchvision"
+    raise ConfigError(
+        f"{path}: neither torchgeo's DEO layout (feat_extr.conv_ms.0.weight) nor a torchvision "
+        f"Swin state dict (features.0.0.weight); keys start {sorted(state)[:3]}"
+    )
 
 
 def _config_from_shapes(state: dict[str, Tensor], path: Path) -> StudentConfig:
-    """The ``StudentConfig`` whose torchvision layout has exactly these tensor shapes."""
-    conv = state["features.0.0.weight"]
-    if tuple(conv.shape[2:]) != (_TV_PATCH, _TV_PATCH):
+    """The ``StudentConfig`` whose ``DualEmbedSwin`` has exactly these tensor shapes."""
+    convs = [
+        state[f"{m}_embed.proj.weight"] for m in ("ms", "rgb") if f"{m}_embed.proj.weight" in state
+    ]
+    conv = convs[0]
+    if tuple(conv.shape[2:]) != (PATCH_SIZE, PATCH_SIZE):
         raise ConfigError(f"{path}: patch size {tuple(conv.shape[2:])}, expected 4x4")
-    blocks: dict[int, set[int]] = {}
-    for name in state:
-        if match := _TV_BLOCK.fullmatch(name):
+    blocks: dict[int, dict[int, Tensor]] = {}
+    for name, tensor in state.items():
+        if match := _BLOCK_TABLE.fullmatch(name):
             feature, block = int(match.group(1)), int(match.group(2))
-            if feature % 2 == 1:
-                blocks.setdefault(feature // 2, set()).add(block)
+            if feature % 2:
+                raise ConfigError(f"{path}: attention block {name!r} in a patch-merging slot")
+            blocks.setdefault(feature // 2, {})[block] = tensor
     n_stages = len(blocks)
-    if sorted(blocks) != list(range(n_stages)) or n_stages == 0:
+    if n_stages == 0 or sorted(blocks) != list(range(n_stages)):
         raise ConfigError(f"{path}: stages {sorted(blocks)} are not 0..n-1")
-    tables = [state[f"features.{2 * s + 1}.0.attn.relative_position_bias_table"] for s in blocks]
-    windows = {_window_of(t.shape[0], path) for t in tables}
+    windows = {_window_of(t.shape[0], path) for stage in blocks.values() for t in stage.values()}
     if len(windows) != 1:
-        raise ConfigError(f"{path}: stages use different windows {sorted(windows)}")
+        raise ConfigError(f"{path}: blocks use different windows {sorted(windows)}")
     (window,) = windows
     return StudentConfig(
         arch=_BASE_ARCH,
         window_size=window,
-        img_size=window * _TV_PATCH * 2 ** (n_stages - 1),
+        img_size=window * PATCH_SIZE * 2 ** (n_stages - 1),
         embed_dim=conv.shape[0],
         depths=tuple(len(blocks[s]) for s in range(n_stages)),
-        num_heads=tuple(t.shape[1] for t in tables),
+        num_heads=tuple(blocks[s][0].shape[1] for s in range(n_stages)),
+        ms_channels=state["ms_embed.proj.weight"].shape[1]
+        if "ms_embed.proj.weight" in state
+        else 10,
         drop_path_rate=0.0,
     )
 
@@ -346,38 +390,16 @@ def _window_of(rows: int, path: Path) -> int:
     return (side + 1) // 2
 
 
-def _unmap_key(
-    name: str, tensor: Tensor, modality: Modality, source: Path | str
-) -> tuple[str, Tensor]:
-    if match := _TV_EMBED.fullmatch(name):
-        module, leaf = match.groups()
-        return f"{modality}_embed.{_EMBED_MODULES[module]}.{leaf}", tensor
-    if _TV_NORM.fullmatch(name):
-        return name, tensor
-    if (match := _TV_MERGE.fullmatch(name)) and int(match.group(1)) % 2 == 0:
-        feature, module, leaf = match.groups()
-        return f"layers.{int(feature) // 2}.downsample.{module}.{leaf}", _merge_to_timm(tensor)
-    if (match := _TV_BLOCK.fullmatch(name)) and match.group(3) in _BLOCK_MODULES:
-        feature, block, module, leaf = match.groups()
-        if int(feature) % 2 == 1:
-            stage = int(feature) // 2
-            return f"layers.{stage}.blocks.{block}.{_BLOCK_MODULES[module]}.{leaf}", tensor
-    raise ConfigError(f"{source}: no DualEmbedSwin name for torchvision tensor {name!r}")
-
-
-def _merge_to_timm(tensor: Tensor) -> Tensor:
-    """Reorder a patch-merging tensor's 4*C inputs from torchvision's neighbour order to timm's."""
-    width = tensor.shape[-1] // len(TIMM_MERGE_ORDER)
-    order = [TORCHVISION_MERGE_ORDER.index(offset) for offset in TIMM_MERGE_ORDER]
-    columns = torch.cat([torch.arange(s * width, (s + 1) * width) for s in order])
-    return tensor[..., columns]
-
-
-def _check_index(name: str, index: Tensor, source: Path | str) -> None:
-    """A stored relative-position index must be the one timm computes for that window."""
-    window = math.isqrt(math.isqrt(index.numel()))
-    if not torch.equal(index.flatten().long(), relative_position_index(window)):
-        raise ConfigError(f"{source}: {name} is not the standard relative-position index")
+def _check_indices(state: dict[str, Tensor], model: DualEmbedSwin, path: Path) -> None:
+    """Stored relative-position indices must be torchvision's for the window (no silent remap)."""
+    own = model.state_dict()
+    for name, index in state.items():
+        if (
+            name.endswith("attn.relative_position_index")
+            and name in own
+            and not torch.equal(index.flatten().long(), own[name].flatten().long())
+        ):
+            raise ConfigError(f"{path}: {name} is not torchvision's relative-position index")
 
 
 # --------------------------------------------------------------------- the wrapper

@@ -1,20 +1,15 @@
-"""Export the student backbone for downstream use.
-
-Two formats, for two kinds of consumer:
+"""Export the student backbone for downstream use, and the layouts other code loads.
 
 - ``export_backbone`` / ``load_backbone``: deo's own file. A safetensors file (tensors and a
-  JSON header, nothing executable, unlike a pickled checkpoint) whose metadata describes the
-  architecture, so ``load_backbone`` can rebuild the exact ``DualEmbedSwin`` with both patch
-  embeddings and run it at any input size.
-- ``export_torchgeo``: the backbone under ``torchvision.models.SwinTransformer`` (v1) names, the
-  layout torchgeo's Swin-B loads, for one modality. torchvision's Swin is a narrower family than
-  timm's, so the export refuses, naming the difference, whatever it cannot express exactly.
-
-Where the torchvision copy computes the same function as the student: torchvision pads a map
-that the window does not divide and lets attention see the padding, while the student masks it
-(see ``deo.models.student._window_attention``). The two agree on inputs whose stage grids
-(input / 4, 8, 16, 32) are all multiples of the window, e.g. 224 px for window 7 and 384 px
-for window 12; elsewhere they differ by design.
+  JSON header, nothing executable) whose metadata describes the architecture, so
+  ``load_backbone`` rebuilds the exact ``DualEmbedSwin`` with both patch embeddings.
+- ``export_torchgeo``: torchgeo 0.10.1's ``DEO`` layout (``feat_extr.features.*``,
+  ``feat_extr.conv_ms.*``, ``feat_extr.conv_rgb.*``, ``feat_extr.norm.*``; 355 tensors for
+  swin_b, position-index buffers included), which ``torchgeo.models.DEO().load_state_dict(...,
+  strict=True)`` accepts, and its input spec (band order, normalisation) as JSON beside it.
+- ``to_torchgeo`` / ``from_torchgeo`` and ``from_torchvision``: the key renames. The student is
+  built from torchvision's own modules in torchgeo's order, so every layout is the same tensors
+  under other names: nothing is permuted, and the functions agree by construction.
 """
 
 from __future__ import annotations
@@ -22,73 +17,40 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
-from torch import Tensor, nn
-from torchvision.models import SwinTransformer
+from torch import Tensor
 
 from deo import __version__
-from deo.data.bands import MS_BANDS, RGB_BANDS
 from deo.errors import ConfigError
+from deo.models.input_spec import MODEL_BANDS, InputSpec
 from deo.models.student import DualEmbedSwin, Modality, StudentConfig
 
 _MODALITIES: tuple[str, ...] = ("ms", "rgb")
 
 BACKBONE_FORMAT = "deo-backbone"
-TORCHVISION_FORMAT = "deo-torchvision-swin"
 # Bump when the meaning of the backbone metadata changes; load_backbone refuses unknown ones.
-BACKBONE_FORMAT_VERSION = "1"
+# 2: torchvision module names (features.*), torchvision's padded-window function.
+BACKBONE_FORMAT_VERSION = "2"
 
-# torchvision's swin_t/s/b (and torchgeo's Swin-B built on them) patchify 4x4, widen the
-# features 2x per stage and use an MLP 4x as wide as the block.
-_TV_PATCH = 4
-_TV_MLP_RATIO = 4
-_TV_LAYER_NORM_EPS = 1e-5
+TORCHGEO_WEIGHTS = "deo_torchgeo.pth"
+TORCHGEO_SPEC = "input_spec.json"  # the run's input spec, beside every export
+# torchgeo's DEO names (its ``feat_extr`` wraps torchvision's swin_b) for ours.
+_TORCHGEO_PREFIX = "feat_extr."
+_TORCHGEO_EMBED = {"ms": "conv_ms", "rgb": "conv_rgb"}
+# torchvision numbers the stem's parts: (Conv2d, Permute, LayerNorm).
+_EMBED_PARTS = {"proj": "0", "norm": "2"}
+_OUR_EMBED = re.compile(r"(ms|rgb)_embed\.(proj|norm)\.(weight|bias)$")
+_TG_EMBED = re.compile(r"feat_extr\.(conv_ms|conv_rgb)\.(0|2)\.(weight|bias)$")
+_TV_EMBED = re.compile(r"features\.0\.(0|2)\.(weight|bias)$")
+_TV_FEATURE = re.compile(r"features\.(\d+)\.(.+)$")
 
-# How each implementation orders the 2x2 neighbours it concatenates in PatchMerging, as
-# (row, column) offsets. timm: reshape(B, H/2, 2, W/2, 2, C).permute(0, 1, 3, 4, 2, 5), i.e.
-# column-major within the 2x2 cell; torchvision: x0=[0::2, 0::2], x1=[1::2, 0::2],
-# x2=[0::2, 1::2], x3=[1::2, 1::2]. They happen to coincide (timm kept the original Swin
-# order), but the mapping is written for the general case and the tests check both orders
-# against the libraries themselves.
-TIMM_MERGE_ORDER: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))
-TORCHVISION_MERGE_ORDER: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (0, 1), (1, 1))
-
-# timm block sub-module -> torchvision block sub-module. torchvision's MLP is a Sequential of
-# (Linear, GELU, Dropout, Linear, Dropout), hence 0 and 3.
-TIMM_TO_TORCHVISION_BLOCK: dict[str, str] = {
-    "norm1": "norm1",
-    "attn": "attn",
-    "attn.qkv": "attn.qkv",
-    "attn.proj": "attn.proj",
-    "norm2": "norm2",
-    "mlp.fc1": "mlp.0",
-    "mlp.fc2": "mlp.3",
-}
-# timm PatchEmbed sub-module -> index in torchvision's features[0] = (Conv2d, Permute, norm).
-TIMM_TO_TORCHVISION_EMBED: dict[str, str] = {"proj": "0", "norm": "2"}
-
-_BLOCK_KEY = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)\.([^.]+)$")
-_DOWNSAMPLE_KEY = re.compile(r"layers\.(\d+)\.downsample\.(norm|reduction)\.(weight|bias)$")
-_EMBED_KEY = re.compile(r"(ms|rgb)_embed\.(proj|norm)\.(weight|bias)$")
-_NORM_KEY = re.compile(r"norm\.(weight|bias)$")
-
-
-@dataclass(frozen=True)
-class SwinLayout:
-    """What torchvision's ``SwinTransformer`` needs to rebuild a (checked) student's stages."""
-
-    embed_dim: int
-    depths: tuple[int, ...]
-    num_heads: tuple[int, ...]
-    window_size: int
+# The released model: torchgeo's ``DEO()`` is torchvision's swin_b with window 12.
+RELEASED_CONFIG = StudentConfig(arch="swin_b", window_size=12, img_size=224, drop_path_rate=0.0)
 
 
 # --------------------------------------------------------------------------- deo backbone file
@@ -104,8 +66,7 @@ def export_backbone(
     """Write the backbone (both embeddings, shared stages, final norm) as a deo safetensors file.
 
     ``modality`` records which input the consumer is meant to feed (``pooled`` of that path is
-    the image embedding); both embeddings are stored regardless, under their own names, so the
-    file is also a complete restart point for the shared stages.
+    the image embedding); both embeddings are stored regardless, under their own names.
     """
     _check_same_config(student, cfg)
     _check_modality(student, modality)
@@ -141,11 +102,8 @@ def _backbone_metadata(
     student: DualEmbedSwin, cfg: StudentConfig, modality: Modality
 ) -> dict[str, str]:
     """Self-description of a backbone file: what a reader needs to rebuild and feed it."""
-    embedding = student.embedding(modality)
-    depths = [len(stage.blocks) for stage in student.layers]
-    heads = [stage.blocks[0].attn.num_heads for stage in student.layers]
     resolved = dataclasses.replace(
-        cfg, embed_dim=student.embed_dim, depths=tuple(depths), num_heads=tuple(heads)
+        cfg, embed_dim=student.embed_dim, depths=student.depths, num_heads=student.num_heads
     )
     return {
         "format": BACKBONE_FORMAT,
@@ -157,22 +115,21 @@ def _backbone_metadata(
         "patch_size": json.dumps(list(student.patch_size)),
         "embed_dim": str(student.embed_dim),
         "embed_dims": json.dumps(list(student.stage_dims)),
-        "depths": json.dumps(depths),
-        "num_heads": json.dumps(heads),
+        "depths": json.dumps(list(student.depths)),
+        "num_heads": json.dumps(list(student.num_heads)),
         "modality": modality,
-        "in_chans": str(embedding.proj.in_channels),
+        "in_chans": str(student.embedding(modality).proj.in_channels),
         "with_rgb": json.dumps(student.rgb_embed is not None),
         "bands": json.dumps(_ms_band_names(cfg)),
-        "rgb_bands": json.dumps(list(RGB_BANDS)),
         # The config with the arch's widths made explicit: rebuilding from it does not depend
-        # on timm's defaults for ``arch`` staying the same.
+        # on the arch table staying the same.
         "student_config": json.dumps(dataclasses.asdict(resolved)),
     }
 
 
 def _ms_band_names(cfg: StudentConfig) -> list[str]:
-    """The MS channels' band names, or an empty list for a config with other channels."""
-    return list(MS_BANDS) if cfg.ms_channels == len(MS_BANDS) else []
+    """The MS channels' band names (model order), or an empty list for other channel counts."""
+    return list(MODEL_BANDS) if cfg.ms_channels == len(MODEL_BANDS) else []
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
@@ -207,7 +164,7 @@ def _config_from_metadata(path: Path, metadata: dict[str, str]) -> StudentConfig
     if version != BACKBONE_FORMAT_VERSION:
         raise ConfigError(
             f"{path}: deo backbone format version {version!r} is not supported "
-            f"(this deo {__version__} reads version {BACKBONE_FORMAT_VERSION})"
+            f"(this deo {__version__} reads version {BACKBONE_FORMAT_VERSION}; re-run deo export)"
         )
     try:
         fields: dict[str, Any] = json.loads(metadata["student_config"])
@@ -219,236 +176,112 @@ def _config_from_metadata(path: Path, metadata: dict[str, str]) -> StudentConfig
         raise ConfigError(f"{path}: unreadable 'student_config' metadata: {err}") from err
 
 
-# --------------------------------------------------------------------------- torchvision layout
+# --------------------------------------------------------------------------- torchgeo's DEO
 
 
-def torchvision_swin(cfg: StudentConfig, in_chans: int) -> SwinTransformer:
-    """An untrained torchvision Swin with the student's architecture and ``in_chans`` inputs.
-
-    The head is ``nn.Identity``, so ``model(x)`` returns the pooled image embedding (final norm,
-    then the token mean), the same quantity as the student's ``pooled``, and the state dict
-    holds backbone keys only. Raises ConfigError where torchvision cannot express ``cfg``.
-    """
-    try:
-        with torch.device("meta"):  # structure only: no memory, no init cost for Swin-B
-            probe = DualEmbedSwin(cfg, with_rgb=False)
-    except ValueError as err:
-        raise ConfigError(f"cannot build the student {cfg}: {err}") from err
-    layout = swin_layout(probe)
-    model = SwinTransformer(
-        patch_size=[_TV_PATCH, _TV_PATCH],
-        embed_dim=layout.embed_dim,
-        depths=list(layout.depths),
-        num_heads=list(layout.num_heads),
-        window_size=[layout.window_size, layout.window_size],
-        mlp_ratio=float(_TV_MLP_RATIO),
-        stochastic_depth_prob=0.0,
-        num_classes=1,
-    )
-    model.head = nn.Identity()
-    model.features[0][0] = nn.Conv2d(
-        in_chans, layout.embed_dim, kernel_size=_TV_PATCH, stride=_TV_PATCH
-    )
-    return model
-
-
-def to_torchvision_swin(student: DualEmbedSwin, modality: Modality = "ms") -> dict[str, Tensor]:
-    """The student's ``modality`` path as a ``torchvision.models.SwinTransformer`` state dict.
-
-    Loads with ``strict=True`` into ``torchvision_swin(cfg, in_chans)``. Every student tensor
-    is either mapped or, for the other modality's embedding, deliberately left out; a key the
-    rules do not know (a timm change) fails loudly instead of being dropped.
-    """
-    _check_modality(student, modality)
-    layout = swin_layout(student)
+def to_torchgeo(student: DualEmbedSwin) -> dict[str, Tensor]:
+    """The student as a ``torchgeo.models.DEO`` state dict (both embeddings, no head)."""
+    if student.rgb_embed is None:
+        raise ConfigError(
+            "torchgeo's DEO holds an MS and an RGB patch embedding; this student was built "
+            "without an optical path (no RGB embedding)"
+        )
     out: dict[str, Tensor] = {}
     for name, tensor in student.state_dict().items():
-        mapped = _map_key(name, tensor, modality)
-        if mapped is not None:
-            out[mapped[0]] = mapped[1].detach().clone().contiguous()
-    # torchvision keeps the relative-position index as a persistent buffer (timm's is not
-    # persistent), so strict loading needs it in the file.
-    index = relative_position_index(layout.window_size)
-    for stage, depth in enumerate(layout.depths):
-        for block in range(depth):
-            out[f"features.{2 * stage + 1}.{block}.attn.relative_position_index"] = index.clone()
+        if match := _OUR_EMBED.fullmatch(name):
+            modality, part, leaf = match.groups()
+            name = f"{_TORCHGEO_EMBED[modality]}.{_EMBED_PARTS[part]}.{leaf}"
+        out[_TORCHGEO_PREFIX + name] = tensor.detach().clone().contiguous()
     return out
 
 
+def from_torchgeo(state: dict[str, Tensor], source: Path | str = "state dict") -> dict[str, Tensor]:
+    """A ``torchgeo.models.DEO`` state dict under ``DualEmbedSwin`` names (the inverse rename).
+
+    A key outside torchgeo's ``feat_extr`` layout fails loudly instead of being dropped.
+    """
+    modality_of = {tg: ours for ours, tg in _TORCHGEO_EMBED.items()}
+    part_of = {tv: ours for ours, tv in _EMBED_PARTS.items()}
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if not name.startswith(_TORCHGEO_PREFIX):
+            raise ConfigError(f"{source}: {name!r} is not a torchgeo DEO key (feat_extr.*)")
+        if match := _TG_EMBED.fullmatch(name):
+            embed, part, leaf = match.groups()
+            out[f"{modality_of[embed]}_embed.{part_of[part]}.{leaf}"] = tensor
+        elif name.startswith(("feat_extr.features.", "feat_extr.norm.")):
+            out[name.removeprefix(_TORCHGEO_PREFIX)] = tensor
+        else:
+            raise ConfigError(f"{source}: no DualEmbedSwin name for torchgeo DEO key {name!r}")
+    return out
+
+
+def from_torchvision(
+    state: dict[str, Tensor], modality: Modality, source: Path | str = "state dict"
+) -> dict[str, Tensor]:
+    """A ``torchvision.models.SwinTransformer`` state dict (one stem) under our names.
+
+    The stem ``features.0`` becomes ``{modality}_embed``; ``features.i`` becomes ``features.
+    i-1``; the classifier head must already be gone. An unknown key fails loudly.
+    """
+    part_of = {tv: ours for ours, tv in _EMBED_PARTS.items()}
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if match := _TV_EMBED.fullmatch(name):
+            part, leaf = match.groups()
+            out[f"{modality}_embed.{part_of[part]}.{leaf}"] = tensor
+        elif (match := _TV_FEATURE.fullmatch(name)) and int(match.group(1)) > 0:
+            out[f"features.{int(match.group(1)) - 1}.{match.group(2)}"] = tensor
+        elif name.startswith("norm."):
+            out[name] = tensor
+        else:
+            raise ConfigError(f"{source}: no DualEmbedSwin name for torchvision key {name!r}")
+    return out
+
+
+def released_deo_shapes() -> dict[str, tuple[int, ...]]:
+    """Key -> shape of ``torchgeo.models.DEO()``'s state dict, from the same construction."""
+    with torch.device("meta"):
+        model = DualEmbedSwin(RELEASED_CONFIG, with_rgb=True)
+    return {name: tuple(t.shape) for name, t in to_torchgeo(model).items()}
+
+
 def export_torchgeo(
-    student: DualEmbedSwin,
-    cfg: StudentConfig,
-    path: Path,
-    modality: Modality = "ms",
-) -> None:
-    """Write the torchvision-layout weights as ``path`` (a plain state dict) and .safetensors.
+    student: DualEmbedSwin, cfg: StudentConfig, out_dir: Path, spec: InputSpec
+) -> tuple[Path, Path]:
+    """Write ``deo_torchgeo.pth`` (torchgeo's DEO state dict, ``torch.save``) and its spec.
 
-    The plain file is what torchgeo's weight loaders read (``torch.load(weights_only=True)``
-    works: tensors only); the safetensors twin carries the metadata. Before writing, the
-    weights are loaded strictly into ``torchvision_swin(cfg, ...)``, so a file is only ever
-    written if torchvision can take it.
+    The state dict holds tensors only, so ``torch.load(weights_only=True)`` reads it;
+    ``input_spec.json`` beside it is the input spec (band order, normalisation), the file
+    the evaluation looks for beside any weights. Returns both paths.
     """
-    path = Path(path)
-    twin = path.with_suffix(".safetensors")
-    if twin == path:
-        raise ConfigError(
-            f"{path}: give the plain state-dict file's name (e.g. .pth), not .safetensors"
-        )
     _check_same_config(student, cfg)
-    state = to_torchvision_swin(student, modality)
-    in_chans = student.embedding(modality).proj.in_channels
-    torchvision_swin(cfg, in_chans).load_state_dict(state, strict=True)
-    metadata = _torchvision_metadata(student, cfg, modality)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    save_file(state, str(twin), metadata=metadata)
-
-
-def _torchvision_metadata(
-    student: DualEmbedSwin, cfg: StudentConfig, modality: Modality
-) -> dict[str, str]:
-    """What a reader of the torchvision-layout file needs to build and feed the model."""
-    layout = swin_layout(student)
-    in_chans = student.embedding(modality).proj.in_channels
-    bands = _ms_band_names(cfg) if modality == "ms" else list(RGB_BANDS)
-    return {
-        "format": TORCHVISION_FORMAT,
-        "deo_version": __version__,
-        "model": "torchvision.models.SwinTransformer",
-        "source_arch": cfg.arch,
-        "patch_size": json.dumps([_TV_PATCH, _TV_PATCH]),
-        "embed_dim": str(layout.embed_dim),
-        "embed_dims": json.dumps(list(student.stage_dims)),
-        "depths": json.dumps(list(layout.depths)),
-        "num_heads": json.dumps(list(layout.num_heads)),
-        "window_size": json.dumps([layout.window_size, layout.window_size]),
-        "in_chans": str(in_chans),
-        "modality": modality,
-        "bands": json.dumps(bands),
-    }
-
-
-def swin_layout(student: DualEmbedSwin) -> SwinLayout:
-    """The torchvision arguments matching ``student``; ConfigError listing what cannot match."""
-    problems = list(dict.fromkeys(_layout_problems(student)))
-    if problems:
+    if spec.window_size != cfg.window_size or len(spec.bands) != cfg.ms_channels:
         raise ConfigError(
-            "the student is not expressible as torchvision's SwinTransformer: "
-            + "; ".join(problems)
+            f"input spec (window {spec.window_size}, {len(spec.bands)} bands) does not describe "
+            f"this student (window {cfg.window_size}, {cfg.ms_channels} MS channels)"
         )
-    return SwinLayout(
-        embed_dim=student.embed_dim,
-        depths=tuple(len(stage.blocks) for stage in student.layers),
-        num_heads=tuple(stage.blocks[0].attn.num_heads for stage in student.layers),
-        window_size=student.cfg.window_size,
-    )
+    state = to_torchgeo(student)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights, spec_path = out_dir / TORCHGEO_WEIGHTS, out_dir / TORCHGEO_SPEC
+    torch.save(state, weights)
+    spec.write(spec_path)
+    return weights, spec_path
 
 
-def _layout_problems(student: DualEmbedSwin) -> Iterator[str]:
-    """Every way the student differs from what torchvision's Swin v1 can compute."""
-    for modality, embed in (("ms", student.ms_embed), ("rgb", student.rgb_embed)):
-        if embed is None:
-            continue
-        kernel, stride = tuple(embed.proj.kernel_size), tuple(embed.proj.stride)
-        if kernel != (_TV_PATCH, _TV_PATCH) or stride != kernel:
-            yield (
-                f"{modality} patch size {kernel} stride {stride}: torchvision's Swin layout "
-                f"patchifies {_TV_PATCH}x{_TV_PATCH}"
-            )
-        if not _is_tv_layer_norm(embed.norm):
-            yield f"{modality} patch embedding is not followed by a LayerNorm(eps=1e-5)"
-    if not _is_tv_layer_norm(student.norm):
-        yield "final norm is not a LayerNorm(eps=1e-5)"
-    for index, stage in enumerate(student.layers):
-        yield from _stage_problems(student, index, stage)
-
-
-def _stage_problems(student: DualEmbedSwin, index: int, stage: nn.Module) -> Iterator[str]:
-    dim = student.embed_dim * 2**index
-    window = student.cfg.window_size
-    # Smallest img_size whose last-stage grid still holds a whole window.
-    fitting_size = window * student.patch_size[0] * 2 ** (len(student.layers) - 1)
-    if student.stage_dims[index] != dim:
-        yield f"stage {index} is {student.stage_dims[index]} wide; torchvision doubles to {dim}"
-    downsample = stage.downsample
-    if index == 0 and not isinstance(downsample, nn.Identity):
-        yield "stage 0 downsamples; torchvision merges patches only between stages"
-    if index > 0 and not (
-        isinstance(downsample, TimmPatchMerging)
-        and downsample.reduction.out_features == dim
-        and _is_tv_layer_norm(downsample.norm)
-    ):
-        yield f"stage {index} does not start with a 2x patch merging to {dim} channels"
-    for number, block in enumerate(stage.blocks):
-        where = f"stage {index} block {number}"
-        if tuple(block.window_size) != (window, window):
-            yield (
-                f"stage {index} uses a {tuple(block.window_size)} window (timm fitted it to the "
-                f"stage's grid at img_size {student.cfg.img_size}); torchvision's Swin uses the "
-                f"one {window}x{window} window in every stage, so build the student with "
-                f"img_size >= {fitting_size} (or a window that fits every stage)"
-            )
-        if bool(any(block.target_shift_size)) != (number % 2 == 1):
-            yield f"{where}: shifted windows are not on every second block as in torchvision"
-        if block.mlp.fc1.out_features != _TV_MLP_RATIO * dim:
-            yield f"{where}: MLP ratio is not {_TV_MLP_RATIO}"
-        act = block.mlp.act
-        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
-            yield f"{where}: MLP activation {act} is not exact GELU"
-        if block.attn.qkv.bias is None or block.attn.qkv.out_features != 3 * dim:
-            yield f"{where}: attention qkv is not a biased {dim}->{3 * dim} projection"
-        if not (_is_tv_layer_norm(block.norm1) and _is_tv_layer_norm(block.norm2)):
-            yield f"{where}: block norms are not LayerNorm(eps=1e-5)"
-
-
-def _is_tv_layer_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) and module.eps == _TV_LAYER_NORM_EPS
-
-
-def _map_key(name: str, tensor: Tensor, modality: Modality) -> tuple[str, Tensor] | None:
-    """(torchvision name, tensor) for one student tensor; None for the other embedding."""
-    if match := _EMBED_KEY.fullmatch(name):
-        source, module, leaf = match.groups()
-        if source != modality:
-            return None
-        return f"features.0.{TIMM_TO_TORCHVISION_EMBED[module]}.{leaf}", tensor
-    if match := _NORM_KEY.fullmatch(name):
-        return name, tensor
-    if match := _DOWNSAMPLE_KEY.fullmatch(name):
-        stage, module, leaf = match.groups()
-        return f"features.{2 * int(stage)}.{module}.{leaf}", _merge_to_torchvision(tensor)
-    if (match := _BLOCK_KEY.fullmatch(name)) and match.group(3) in TIMM_TO_TORCHVISION_BLOCK:
-        stage, block, module, leaf = match.groups()
-        target = f"features.{2 * int(stage) + 1}.{block}.{TIMM_TO_TORCHVISION_BLOCK[module]}.{leaf}"
-        return target, tensor
-    raise ConfigError(f"no torchvision Swin name for student tensor {name!r}")
-
-
-def _merge_to_torchvision(tensor: Tensor) -> Tensor:
-    """Reorder a patch-merging tensor's 4*C input features from timm's to torchvision's order.
-
-    The merged vector is four C-wide neighbour slots; the norm's weight/bias (4C,) and the
-    reduction's input columns (out, 4C) follow the slot order, so both are permuted.
-    """
-    slots = len(TIMM_MERGE_ORDER)
-    width = tensor.shape[-1] // slots
-    order = [TIMM_MERGE_ORDER.index(offset) for offset in TORCHVISION_MERGE_ORDER]
-    columns = torch.cat([torch.arange(s * width, (s + 1) * width) for s in order])
-    return tensor[..., columns]
-
-
-def relative_position_index(window: int) -> Tensor:
-    """torchvision's flattened (window**4,) index into a (2w-1)**2-row bias table.
-
-    Entry (query, key) is (dr + w - 1) * (2w - 1) + (dc + w - 1) for the row/column offsets
-    from key to query; timm indexes the same table identically (but keeps the index 2-D and
-    out of its state dict), so the tables themselves copy over unchanged.
-    """
-    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
-    rows, cols = rows.flatten(), cols.flatten()
-    d_row = rows[:, None] - rows[None, :] + window - 1
-    d_col = cols[:, None] - cols[None, :] + window - 1
-    return (d_row * (2 * window - 1) + d_col).flatten()
+def torchgeo_mismatches(state: dict[str, Tensor]) -> list[str]:
+    """How a torchgeo-layout state dict differs from what ``DEO()`` loads strictly (empty: fits)."""
+    want = released_deo_shapes()
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
+    problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
+    problems += [
+        f"{k}: {have[k]} vs {want[k]}"
+        for k in sorted(want.keys() & have.keys())
+        if have[k] != want[k]
+    ]
+    return problems
 
 
 # --------------------------------------------------------------------------- shared checks

@@ -19,6 +19,7 @@ Weights are never downloaded: the user supplies Meta's original ``.pth`` or timm
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -31,12 +32,21 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from timm.models.eva import checkpoint_filter_fn
+from timm.layers import apply_rot_embed_cat
+from timm.models.eva import EvaAttention, checkpoint_filter_fn
 from torch import Tensor, nn
 
 from deo.errors import ConfigError
+from deo.models.attention import (
+    AttentionKernel,
+    AttentionSetting,
+    attend,
+    check_setting,
+    resolve_kernel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +85,8 @@ class TeacherConfig:
     tiny_depth: int = 4
     tiny_heads: int = 4
     seed: int = 0
+    # Attention kernel (deo.models.attention): auto = xformers on CUDA when installed, else SDPA.
+    attention: AttentionSetting = "auto"
 
 
 @dataclass
@@ -316,6 +328,71 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def route_attention(model: nn.Module, setting: AttentionSetting) -> None:
+    """Send every attention block of a timm ViT through ``setting``'s kernel.
+
+    SDPA is timm's own fused path (``fused_attn``); xformers runs ``eva_attention``, timm's
+    ``EvaAttention.forward`` step for step with the attention product on xformers.
+    """
+    check_setting(setting)
+    for module in model.modules():
+        if isinstance(module, EvaAttention):
+            module.fused_attn = True
+            module.forward = functools.partial(_routed_attention, module, setting)
+
+
+def _routed_attention(
+    attn: EvaAttention,
+    setting: AttentionSetting,
+    x: Tensor,
+    rope: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+) -> Tensor:
+    kernel = resolve_kernel(setting, x.device)
+    if kernel == "sdpa" or attn_mask is not None or is_causal:
+        return EvaAttention.forward(attn, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    return eva_attention(attn, x, rope, kernel)
+
+
+def eva_attention(
+    attn: EvaAttention, x: Tensor, rope: Tensor | None, kernel: AttentionKernel
+) -> Tensor:
+    """timm's ``EvaAttention.forward`` (no mask) with the attention product on ``kernel``."""
+    b, n, c = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    if attn.qkv is not None:
+        if attn.q_bias is None:
+            qkv = attn.qkv(x)
+        else:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            if attn.qkv_bias_separate:
+                qkv = attn.qkv(x) + bias
+            else:
+                qkv = F.linear(x, weight=attn.qkv.weight, bias=bias)
+        q, k, v = qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (
+            proj(x).reshape(b, n, attn.num_heads, -1).transpose(1, 2)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q, k = (
+            torch.cat(
+                [t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2
+            ).type_as(v)
+            for t in (q, k)
+        )
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    out = attend(q, k, v, None, kernel, dropout_p).transpose(1, 2).reshape(b, n, c)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
 class VFMTeacher(nn.Module):
     """A frozen DINOv3 ViT that maps RGB in [0, 1] to :class:`TeacherOutputs`.
 
@@ -347,6 +424,7 @@ class VFMTeacher(nn.Module):
         if cfg.weights is not None:
             _load_weights(model, Path(cfg.weights), cfg)
         model.requires_grad_(False)
+        route_attention(model, cfg.attention)
         self.model = model.eval()
         self.embed_dim: int = model.embed_dim
         self.patch_size: tuple[int, int] = tuple(model.patch_embed.patch_size)

@@ -10,7 +10,14 @@ from pathlib import Path
 import pandas as pd
 
 from deo.errors import ConfigError
-from deo.models.export import export_backbone, export_torchgeo
+from deo.models.export import (
+    TORCHGEO_SPEC,
+    export_backbone,
+    export_torchgeo,
+    to_torchgeo,
+    torchgeo_mismatches,
+)
+from deo.models.input_spec import training_input_spec
 from deo.models.student import DualEmbedSwin
 from deo.train.checkpoint import load_checkpoint
 from deo.train.config import parse_train
@@ -40,17 +47,34 @@ def student_from_checkpoint(path: Path) -> tuple[DualEmbedSwin, object]:
     return backbone.eval(), cfg
 
 
-def export_run(checkpoint: Path, out: Path) -> dict:
-    """Write the student backbone, and torchgeo's Swin layout where the architecture allows it."""
+def export_run(checkpoint: Path, out: Path, stats: Path) -> dict:
+    """Write the student backbone, and torchgeo's DEO layout with its input spec.
+
+    ``stats`` is the store's per-band statistics (``stats.json``), the normalisation the run
+    was trained with, so the spec describes this run's input. A student without an RGB
+    embedding (an ablation without the optical path) has no torchgeo layout: that is recorded,
+    not an error.
+    """
     backbone, cfg = student_from_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     export_backbone(backbone, cfg.student, out / "backbone.safetensors")
-    summary = {"backbone": "backbone.safetensors", "torchgeo": None, "torchgeo_refused": None}
+    summary: dict = {"backbone": "backbone.safetensors", "torchgeo": None, "torchgeo_refused": None}
     try:
-        export_torchgeo(backbone, cfg.student, out / "torchgeo_swin.pth")
-        summary["torchgeo"] = "torchgeo_swin.pth"
+        band_stats = json.loads(Path(stats).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{stats}: cannot read the store's band statistics: {err}") from err
+    spec = training_input_spec(band_stats, cfg.student.img_size, cfg.student.window_size)
+    # The run's input, whatever the layout: the evaluation reads it beside the backbone.
+    spec.write(out / TORCHGEO_SPEC)
+    summary["input_spec"] = TORCHGEO_SPEC
+    try:
+        weights, _ = export_torchgeo(backbone, cfg.student, out, spec)
     except ConfigError as e:
         log.warning("no torchgeo export: %s", e)
         summary["torchgeo_refused"] = str(e)
+    else:
+        summary["torchgeo"] = weights.name
+        # Whether torchgeo.models.DEO() (swin_b, window 12) takes it strictly as it stands.
+        summary["torchgeo_deo_strict"] = not torchgeo_mismatches(to_torchgeo(backbone))
     (out / "export.json").write_text(json.dumps(summary, indent=2))
     return summary

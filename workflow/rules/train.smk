@@ -50,7 +50,8 @@ rule distill:
 
 rule export:
     input:
-        "results/train/{run}/checkpoint.pt",
+        checkpoint="results/train/{run}/checkpoint.pt",
+        stats="results/data/stats.json",
     output:
         directory("results/train/{run}/export"),
     log:
@@ -60,4 +61,4 @@ rule export:
     conda:
         ENV
     shell:
-        "deo export --checkpoint {input} --out {output} 2> {log}"
+        "deo export --checkpoint {input.checkpoint} --stats {input.stats} --out {output} 2> {log}"
