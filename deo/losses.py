@@ -341,32 +341,34 @@ def dual_teacher_loss(
     when any optical term is computed, ``"optical_loss"`` and each computed term's (unweighted)
     cosine under its own name.
     """
-    layout = CovarianceLayout.of(weights.cov_groups, world_size)
-    ms_loss, comp, expa = mcr_loss(ms_student, ms_teacher, weights.eps, weights.gamma, layout)
-    terms = {"ms_loss": ms_loss, "compression": comp, "expansion": expa}
-    loss = ms_loss
-    if optical is not None:
-        coefficients = weights.optical()
-        unknown = set(optical) - set(coefficients)
-        if unknown:
-            raise ValueError(
-                f"unknown optical terms {sorted(unknown)}; known: {list(coefficients)}"
-            )
-        weighted, total_alpha = [], 0.0
-        for name, alpha in coefficients.items():
-            if alpha == 0:
-                continue
-            if name not in optical:
-                raise ValueError(f"optical term {name!r} has weight {alpha} but no inputs")
-            student, teacher = optical[name]
-            if name == "cls":
-                terms[name] = cls_distillation(student, teacher, weights.cls_cross_view)
-            else:
-                terms[name] = patch_distillation(student, teacher)
-            weighted.append(alpha * terms[name])
-            total_alpha += alpha
-        if weighted:
-            norm = total_alpha if weights.optical_normalise else 1.0
-            terms["optical_loss"] = -sum(weighted) / norm
-            loss = loss + terms["optical_loss"]
-    return {"loss": loss, **terms}
+    # Autocast would run the matmuls (ZᵀZ, the cosines) in fp16/bf16 again: terms stay float32.
+    with torch.autocast(ms_student.device.type, enabled=False):
+        layout = CovarianceLayout.of(weights.cov_groups, world_size)
+        ms_loss, comp, expa = mcr_loss(ms_student, ms_teacher, weights.eps, weights.gamma, layout)
+        terms = {"ms_loss": ms_loss, "compression": comp, "expansion": expa}
+        loss = ms_loss
+        if optical is not None:
+            coefficients = weights.optical()
+            unknown = set(optical) - set(coefficients)
+            if unknown:
+                raise ValueError(
+                    f"unknown optical terms {sorted(unknown)}; known: {list(coefficients)}"
+                )
+            weighted, total_alpha = [], 0.0
+            for name, alpha in coefficients.items():
+                if alpha == 0:
+                    continue
+                if name not in optical:
+                    raise ValueError(f"optical term {name!r} has weight {alpha} but no inputs")
+                student, teacher = optical[name]
+                if name == "cls":
+                    terms[name] = cls_distillation(student, teacher, weights.cls_cross_view)
+                else:
+                    terms[name] = patch_distillation(student, teacher)
+                weighted.append(alpha * terms[name])
+                total_alpha += alpha
+            if weighted:
+                norm = total_alpha if weights.optical_normalise else 1.0
+                terms["optical_loss"] = -sum(weighted) / norm
+                loss = loss + terms["optical_loss"]
+        return {"loss": loss, **terms}

@@ -450,3 +450,19 @@ def test_coding_rate_all_reduce_equals_whole_batch(tmp_path: Path) -> None:
         assert "process group has 2 ranks" in result["mismatch"]
     # the local half alone would differ: the all-reduce did happen
     assert not torch.isclose(coding_rate(z[:8], 0.05, groups=2), expected)
+
+
+def test_terms_stay_float32_under_autocast() -> None:
+    """Autocast would run ZᵀZ and the cosines' matmuls in bf16; the loss turns it off."""
+    student, teacher = (
+        unit(randn(4, 16, 8, seed=60)).float(),
+        unit(randn(2, 16, 8, seed=61)).float(),
+    )
+    optical = {name: (s.float(), t.float()) for name, (s, t) in optical_inputs().items()}
+    plain = dual_teacher_loss(student, teacher, optical, LossWeights())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (student[0].T @ student[0]).dtype == torch.bfloat16  # autocast is on here
+        mixed = dual_teacher_loss(student, teacher, optical, LossWeights())
+    for name, value in plain.items():
+        assert mixed[name].dtype == torch.float32
+        torch.testing.assert_close(mixed[name], value)
