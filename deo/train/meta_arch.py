@@ -78,10 +78,14 @@ class StudentWithHeads(nn.Module):
             # Without a separate optical path the MS features of the views are distilled.
             optical_feats = self.backbone(global_rgb, "rgb") if self.optical_path else feats
             optical = self.distill(optical_feats, grid)
-            if self.cls_all_views and self.distill.has_cls and local_ms is not None:
+            if self.cls_all_views and self.distill.has_cls and local_feats is not None:
+                local_optical = local_feats
                 if self.optical_path:
-                    local_feats = self.backbone(local_rgb, "rgb")
-                optical["cls"] = torch.cat([optical["cls"], self.distill(local_feats, None)["cls"]])
+                    if local_rgb is None:
+                        raise ValueError("cls_views 'all' needs the optical input of local views")
+                    local_optical = self.backbone(local_rgb, "rgb")
+                local_cls = self.distill(local_optical, None)["cls"]
+                optical["cls"] = torch.cat([optical["cls"], local_cls])
             optical = {name: out.unflatten(0, (-1, batch)) for name, out in optical.items()}
         return StudentOutputs(ms=ms, optical=optical)
 
