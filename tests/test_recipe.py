@@ -86,6 +86,30 @@ def test_cls_is_distilled_from_every_view_of_the_rgb_path() -> None:
 
 
 @torch.no_grad()
+def test_patch_terms_project_the_global_rgb_stage_maps_then_resize() -> None:
+    model = build()
+    batch = views(3)
+    terms = model(batch)
+    heads = model.student.distill.heads
+    for name in ("patch_final", "patch_mid"):
+        total, count = 0.0, 0
+        for view in batch.global_rgb:
+            feats = model.student.backbone(view, "rgb")
+            target = getattr(model.vfm(view), name)  # (B, P, D)
+            fmap = getattr(feats, name)  # (B, C, h, w)
+            projected = heads[name](fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            grid = model.vfm(view).grid
+            resized = nn.functional.interpolate(projected, size=grid, mode="bilinear")
+            for b in range(BATCH):
+                for row in range(grid[0]):
+                    for col in range(grid[1]):
+                        token = target[b, row * grid[1] + col]
+                        total += cosine(resized[b, :, row, col], token)
+                        count += 1
+        assert terms[name].item() == pytest.approx(total / count, abs=1e-6)
+
+
+@torch.no_grad()
 def test_without_optical_path_the_ms_views_give_the_cls() -> None:
     model = build(ablation={"optical_path": False, "vfm_patches": False})
     batch = views(1)
