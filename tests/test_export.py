@@ -37,6 +37,8 @@ SMALL = {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4)}
 W4 = StudentConfig(window_size=4, img_size=128, drop_path_rate=0.0, **SMALL)
 W7 = StudentConfig(window_size=7, img_size=224, drop_path_rate=0.0, **SMALL)
 STATS = {b: {"mean": 1000.0 + i, "std": 500.0 + i} for i, b in enumerate(MODEL_BANDS)}
+STATS |= {f"optical_{c}": {"mean": 0.4 + i / 10, "std": 0.2 + i / 10} for i, c in enumerate("RGB")}
+STATS |= {f"optical_s2_{c}": {"mean": 0.3, "std": 0.25} for c in "RGB"}
 
 
 @pytest.fixture(scope="module")
@@ -169,15 +171,18 @@ def test_torchgeo_layout_names_and_round_trip(tmp_path: Path, w4: DualEmbedSwin)
     assert InputSpec.read(spec_path) == spec
 
 
-def test_training_input_spec_is_the_authors_optical_then_store_statistics() -> None:
+def test_training_input_spec_is_the_normalisation_training_used() -> None:
     spec = training_input_spec(STATS, 224, 12)
     assert spec.bands == MODEL_BANDS
     assert spec.optical_channels == (0, 1, 2) and spec.optical_scale == "max"
-    assert spec.mean[:3] == RELEASED_DEO.mean[:3] and spec.std[:3] == RELEASED_DEO.std[:3]
+    assert spec.mean[:3] == pytest.approx((0.4, 0.5, 0.6))
+    assert spec.std[:3] == pytest.approx((0.2, 0.3, 0.4))
     assert spec.mean[3:] == tuple(1000.0 + i for i in range(3, 10))
     assert spec.std[9] == 509.0
+    s2_only = training_input_spec(STATS, 224, 12, partners=False)
+    assert s2_only.mean[:3] == (0.3, 0.3, 0.3) and s2_only.mean[3:] == spec.mean[3:]
     with pytest.raises(ConfigError, match="B12"):
-        training_input_spec({b: STATS[b] for b in MODEL_BANDS[:-1]}, 224, 12)
+        training_input_spec({k: v for k, v in STATS.items() if k != "B12"}, 224, 12)
 
 
 def test_torchvision_layout_maps_the_stem_to_one_embedding(w4: DualEmbedSwin) -> None:

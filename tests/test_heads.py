@@ -1,4 +1,4 @@
-"""Heads: SimDINO projection, VFM-width token heads, and the student-map-to-VFM-grid resize."""
+"""Heads: SimDINO projection, the authors' DINO-MLP distillation heads, the grid resize."""
 
 from __future__ import annotations
 
@@ -45,13 +45,72 @@ def test_projection_head_defaults_follow_simdino() -> None:
         ProjectionHead(in_dim=16, n_layers=0)
 
 
-def test_token_head_linear_and_mlp_variants() -> None:
-    linear = TokenHead(32, 48)
-    mlp = TokenHead(32, 48, hidden_dim=64)
-    assert sum(isinstance(m, nn.Linear) for m in linear.modules()) == 1
-    assert sum(isinstance(m, nn.Linear) for m in mlp.modules()) == 2
+def test_token_head_is_layernorm_then_one_linear() -> None:
+    head = TokenHead(32, 48)
+    assert [type(m) for m in head.proj] == [nn.LayerNorm, nn.Linear]
     x = torch.randn(2, 7, 32)
-    assert linear(x).shape == mlp(x).shape == (2, 7, 48)
+    ln, linear = head.proj
+    torch.testing.assert_close(head(x), linear(F.layer_norm(x, (32,), ln.weight, ln.bias)))
+
+
+def mlp_by_hand(head: ProjectionHead, x: torch.Tensor) -> torch.Tensor:
+    """The authors' DINOHead forward written out: Linear, GELU, Linear, GELU, Linear, L2."""
+    w = [m for m in head.mlp if isinstance(m, nn.Linear)]
+    h = F.gelu(x @ w[0].weight.T + w[0].bias)
+    h = F.gelu(h @ w[1].weight.T + w[1].bias)
+    out = h @ w[2].weight.T + w[2].bias
+    return out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def test_distill_heads_are_dino_mlps_applied_before_the_resize() -> None:
+    heads = DistillHeads((64, 64, 32), vfm_dim=24, switches=HeadSwitches(), hidden_dim=40)
+    for name, in_dim in (("cls", 64), ("patch_final", 64), ("patch_mid", 32)):
+        linears = [m for m in heads.heads[name].modules() if isinstance(m, nn.Linear)]
+        assert [(m.in_features, m.out_features) for m in linears] == [
+            (in_dim, 40),
+            (40, 40),
+            (40, 24),
+        ]
+    feats = fake_features()
+    grid = (14, 14)
+    out = heads(feats, grid)
+    torch.testing.assert_close(out["cls"], mlp_by_hand(heads.heads["cls"], feats.pooled))
+    for name, fmap in (("patch_final", feats.patch_final), ("patch_mid", feats.patch_mid)):
+        # each token through the MLP at the student's own resolution, then bilinear to the grid
+        h, w = fmap.shape[-2:]
+        tokens = torch.stack(
+            [
+                torch.stack(
+                    [mlp_by_hand(heads.heads[name], fmap[:, :, i, j]) for j in range(w)], -1
+                )
+                for i in range(h)
+            ],
+            -2,
+        )  # (B, D, H, W)
+        resized = F.interpolate(tokens, size=grid, mode="bilinear", align_corners=False)
+        expected = resized.flatten(2).transpose(1, 2)
+        torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-6)
+    # at the student's own grid the patch tokens are unit vectors; resized ones need not be
+    same = heads(feats, tuple(feats.patch_mid.shape[-2:]))["patch_mid"]
+    torch.testing.assert_close(same.norm(dim=-1), torch.ones(same.shape[:2]))
+    # the order matters: resizing first and then projecting gives something else
+    resized_first = heads.heads["patch_final"](to_token_grid(feats.patch_final, grid))
+    assert not torch.allclose(resized_first, out["patch_final"], atol=1e-4)
+
+
+def test_local_views_get_the_cls_head_only() -> None:
+    heads = DistillHeads((64, 64, 32), vfm_dim=24, switches=HeadSwitches())
+    assert heads.has_cls
+    assert set(heads(fake_features(), None)) == {"cls"}
+    assert not DistillHeads((64, 64, 32), 24, HeadSwitches(cls=False)).has_cls
+
+
+def test_linear_distill_heads_switch() -> None:
+    heads = DistillHeads((64, 64, 32), vfm_dim=24, switches=HeadSwitches(), kind="linear")
+    assert all(isinstance(h, TokenHead) for h in heads.heads.values())
+    assert heads(fake_features(), (7, 7))["patch_mid"].shape == (2, 49, 24)
+    with pytest.raises(ValueError, match="mlp or linear"):
+        DistillHeads((64, 64, 32), vfm_dim=24, switches=HeadSwitches(), kind="conv")
 
 
 @pytest.mark.parametrize("grid", [(14, 14), (3, 5), (7, 7)])
@@ -80,7 +139,7 @@ def test_to_token_grid_rejects_bad_input() -> None:
 
 @pytest.mark.parametrize("grid", [(14, 14), (6, 4)])
 def test_distill_heads_output_shapes_follow_the_grid_passed(grid: tuple[int, int]) -> None:
-    heads = DistillHeads((64, 64, 32), vfm_dim=24, switches=HeadSwitches())
+    heads = DistillHeads((64, 64, 32), vfm_dim=24, switches=HeadSwitches(), hidden_dim=32)
     out = heads(fake_features(), grid)
     n_tokens = grid[0] * grid[1]
     assert set(out) == {"cls", "patch_final", "patch_mid"}
@@ -108,7 +167,7 @@ def test_heads_take_their_widths_from_the_student() -> None:
         embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4, img_size=32
     )
     student = DualEmbedSwin(cfg)
-    heads = DistillHeads(student.distill_dims, vfm_dim=12, switches=HeadSwitches())
+    heads = DistillHeads(student.distill_dims, vfm_dim=12, switches=HeadSwitches(), hidden_dim=16)
     out = heads(student(torch.randn(2, 3, 32, 32), modality="rgb"), (2, 2))
     assert out["cls"].shape == (2, 12)
     assert out["patch_final"].shape == out["patch_mid"].shape == (2, 4, 12)

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from deo.losses import (
+    CovarianceLayout,
     LossWeights,
     cls_distillation,
     coding_rate,
@@ -87,7 +88,7 @@ def test_coding_rate_matches_logdet_and_numpy(
     world_size: int, batch: int, dim: int, eps: float
 ) -> None:
     z = 3.0 * randn(batch, dim, seed=batch + dim)
-    rate = coding_rate(z, eps, world_size)
+    rate = coding_rate(z, eps, world_size)  # N = world_size, local covariance
     assert rate.shape == ()
     close(rate, rate_by_logdet(z, eps, world_size))
     close(rate, rate_by_numpy(z.numpy(), eps, world_size))
@@ -168,10 +169,44 @@ def test_mcr_loss_is_minus_compression_minus_gamma_expansion(gamma: float) -> No
     close(loss, -comp - gamma * expa)
 
 
+def cls_by_double_loop(student: Tensor, teacher: Tensor) -> tuple[float, int]:
+    """The authors' DistLoss spelled out: every (VFM view g, student view v) pair but g == v."""
+    total, pairs = 0.0, 0
+    for g in range(teacher.shape[0]):
+        for v in range(student.shape[0]):
+            if v == g:
+                continue
+            batch = student.shape[1]
+            total += sum(cosine(teacher[g, b], student[v, b]) for b in range(batch)) / batch
+            pairs += 1
+    return total / pairs, pairs
+
+
+def test_cls_over_every_view_is_the_22_pair_double_loop() -> None:
+    student, teacher = randn(12, 3, 10, seed=40), randn(2, 3, 10, seed=41)
+    expected, pairs = cls_by_double_loop(student, teacher)
+    assert pairs == 22
+    close(cls_distillation(student, teacher), expected)
+    # which pairs are left out: a student whose views 0 and 1 copy the VFM's views 0 and 1
+    # scores 1 on exactly the two excluded pairs, so the value must not see them
+    copied = student.clone()
+    copied[0], copied[1] = teacher[0], teacher[1]
+    by_hand = sum(
+        sum(cosine(teacher[g, b], copied[v, b]) for b in range(3)) / 3
+        for g in range(2)
+        for v in range(12)
+        if (g, v) not in ((0, 0), (1, 1))
+    )
+    close(cls_distillation(copied, teacher), by_hand / 22)
+
+
 @pytest.mark.parametrize("cross_view", [True, False])
 def test_cls_distillation_matches_loops(cross_view: bool) -> None:
-    student, teacher = randn(2, 6, 10, seed=10), randn(2, 6, 10, seed=11)
-    pairs = [(0, 1), (1, 0)] if cross_view else [(0, 0), (1, 1)]
+    student, teacher = randn(4, 6, 10, seed=10), randn(2, 6, 10, seed=11)
+    if cross_view:
+        pairs = [(g, v) for g in range(2) for v in range(4) if g != v]
+    else:
+        pairs = [(0, 0), (1, 1)]
     cosines = [cosine(teacher[g, b], student[v, b]) for g, v in pairs for b in range(6)]
     expected = sum(cosines) / len(cosines)
     close(cls_distillation(student, teacher, cross_view=cross_view), expected)
@@ -208,7 +243,9 @@ def optical_inputs(
 def test_dual_teacher_loss_total() -> None:
     student, teacher = randn(4, 8, 6, seed=22), randn(2, 8, 6, seed=23)
     optical = optical_inputs()
-    weights = LossWeights(alpha_cls=1.0, alpha_final=0.5, alpha_mid=0.25, gamma=2.0, eps=0.1)
+    weights = LossWeights(
+        alpha_cls=1.0, alpha_final=0.5, alpha_mid=0.25, gamma=2.0, eps=0.1, optical_normalise=False
+    )
     terms = dual_teacher_loss(student, teacher, optical, weights)
     ms_terms = {"loss", "ms_loss", "compression", "expansion"}
     assert set(terms) == ms_terms | {"optical_loss", "cls", "patch_final", "patch_mid"}
@@ -276,6 +313,85 @@ def test_gradients_with_frozen_teachers_and_bf16() -> None:
     assert cls[0].grad is not None and torch.isfinite(cls[0].grad).all()
 
 
+def test_covariance_layouts() -> None:
+    assert CovarianceLayout.of(None, 1) == CovarianceLayout(1, 1, False)
+    assert CovarianceLayout.of(None, 16) == CovarianceLayout(16, 1, False)  # reduce_cov=0
+    assert CovarianceLayout.of(1, 1) == CovarianceLayout(1, 1, False)
+    assert CovarianceLayout.of(1, 4) == CovarianceLayout(4, 1, True)  # reduce_cov=1
+    assert CovarianceLayout.of(16, 1) == CovarianceLayout(16, 16, False)
+    assert CovarianceLayout.of(16, 4) == CovarianceLayout(16, 4, False)
+    with pytest.raises(ValueError, match="cannot span ranks"):
+        CovarianceLayout.of(16, 3)
+    with pytest.raises(ValueError, match="cov_groups must be >= 1"):
+        LossWeights(cov_groups=0)
+
+
+def test_per_gpu_covariance_of_16_ranks_on_one_process() -> None:
+    """``cov_groups: 16`` on one process is the authors' 16 GPUs with ``reduce_cov=0``: each
+    group of m rows its own ZᵀZ, N = 16 in both coefficients, DDP's mean over the groups."""
+    groups, m, dim, eps = 16, 4, 6, 0.05
+    student, teacher = (
+        unit(randn(2, groups * m, dim, seed=50)),
+        unit(randn(2, groups * m, dim, seed=51)),
+    )
+    expected = 0.0
+    for g in range(2):
+        for k in range(groups):
+            rows = slice(k * m, (k + 1) * m)
+            expected += float(
+                rate_by_logdet((student[g, rows] + teacher[g, rows]) / 2, eps, groups)
+            )
+    expected /= 2 * groups
+    one_process = expansion(student, teacher, eps, CovarianceLayout.of(groups, 1))
+    close(one_process, expected)
+    # what each of the 16 ranks computes on its own rows (reduce_cov=0), averaged as DDP does
+    per_rank = [
+        expansion(
+            student[:, k * m : (k + 1) * m],
+            teacher[:, k * m : (k + 1) * m],
+            eps,
+            CovarianceLayout.of(None, groups),
+        )
+        for k in range(groups)
+    ]
+    close(one_process, torch.stack(per_rank).mean())
+    # and it is not the whole batch's coding rate
+    assert not torch.isclose(one_process, expansion(student, teacher, eps))
+    with pytest.raises(ValueError, match="do not split into 16"):
+        expansion(student[:, :60], teacher[:, :60], eps, CovarianceLayout.of(groups, 1))
+
+
+def test_loss_as_summed_by_the_authors() -> None:
+    """Default weights (α = 1, 0.5, 0.5, normalised): main_dino.py's total
+    ``−comp − expa − (cls + (p_F + p_mid)/2)/2``; and its ``−cls`` / ``−(p_F + p_mid)/2``
+    when only one kind of optical target is on."""
+    student, teacher = unit(randn(6, 8, 6, seed=52)), unit(randn(2, 8, 6, seed=53))
+    optical = optical_inputs()
+    optical["cls"] = (randn(6, 4, 12, seed=54), randn(2, 4, 12, seed=55))
+    terms = dual_teacher_loss(student, teacher, optical, LossWeights())
+    comp = compression_by_loops(student, teacher)
+    expa = float(sum(rate_by_logdet((student[g] + teacher[g]) / 2, 0.05, 1) for g in range(2)) / 2)
+    cls = cls_by_double_loop(*optical["cls"])[0]
+    patch = {
+        name: sum(
+            cosine(s, t)
+            for s, t in zip(
+                optical[name][0].reshape(-1, 12), optical[name][1].reshape(-1, 12), strict=True
+            )
+        )
+        / 36
+        for name in ("patch_final", "patch_mid")
+    }
+    p_f, p_mid = patch["patch_final"], patch["patch_mid"]
+    close(terms["loss"], -comp - expa - (cls + (p_f + p_mid) / 2) / 2)
+    only_cls = dual_teacher_loss(student, teacher, optical, LossWeights(alpha_final=0, alpha_mid=0))
+    close(only_cls["loss"], -comp - expa - cls)
+    only_patches = dual_teacher_loss(student, teacher, optical, LossWeights(alpha_cls=0))
+    close(only_patches["loss"], -comp - expa - (p_f + p_mid) / 2)
+    summed = dual_teacher_loss(student, teacher, optical, LossWeights(optical_normalise=False))
+    close(summed["loss"], -comp - expa - (cls + 0.5 * p_f + 0.5 * p_mid))
+
+
 def _distributed_worker(
     rank: int, port: int, z: Tensor, student: Tensor, teacher: Tensor, out: Path
 ) -> None:
@@ -285,13 +401,13 @@ def _distributed_worker(
     try:
         half = z.shape[0] // 2
         local = z[rank * half : (rank + 1) * half].clone().requires_grad_()
-        rate = coding_rate(local, 0.05, world_size=2)
+        rate = coding_rate(local, 0.05, groups=2, all_reduce=True)
         rate.backward()
         local_student = student[:, rank * half : (rank + 1) * half]
         local_teacher = teacher[:, rank * half : (rank + 1) * half]
-        expa = expansion(local_student, local_teacher, 0.05, world_size=2)
+        expa = expansion(local_student, local_teacher, 0.05, CovarianceLayout.of(1, 2))
         try:
-            coding_rate(local, 0.05, world_size=3)
+            coding_rate(local, 0.05, groups=3, all_reduce=True)
             mismatch = ""
         except ValueError as err:
             mismatch = str(err)
@@ -325,12 +441,28 @@ def test_coding_rate_all_reduce_equals_whole_batch(tmp_path: Path) -> None:
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     whole = z.clone().requires_grad_()
-    expected = coding_rate(whole, 0.05, world_size=1)
+    expected = coding_rate(whole, 0.05)
     expected.backward()
     for rank, result in enumerate(results):
         close(result["rate"], expected)
         close(result["grad"], 2 * whole.grad[rank * 8 : (rank + 1) * 8])
-        close(result["expansion"], expansion(student, teacher, 0.05, world_size=1))
+        close(result["expansion"], expansion(student, teacher, 0.05))
         assert "process group has 2 ranks" in result["mismatch"]
     # the local half alone would differ: the all-reduce did happen
-    assert not torch.isclose(coding_rate(z[:8], 0.05, world_size=2), expected)
+    assert not torch.isclose(coding_rate(z[:8], 0.05, groups=2), expected)
+
+
+def test_terms_stay_float32_under_autocast() -> None:
+    """Autocast would run ZᵀZ and the cosines' matmuls in bf16; the loss turns it off."""
+    student, teacher = (
+        unit(randn(4, 16, 8, seed=60)).float(),
+        unit(randn(2, 16, 8, seed=61)).float(),
+    )
+    optical = {name: (s.float(), t.float()) for name, (s, t) in optical_inputs().items()}
+    plain = dual_teacher_loss(student, teacher, optical, LossWeights())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (student[0].T @ student[0]).dtype == torch.bfloat16  # autocast is on here
+        mixed = dual_teacher_loss(student, teacher, optical, LossWeights())
+    for name, value in plain.items():
+        assert mixed[name].dtype == torch.float32
+        torch.testing.assert_close(mixed[name], value)

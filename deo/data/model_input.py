@@ -60,8 +60,8 @@ def normalisation(
     if missing := [k for k in keys if k not in stats]:
         raise DataError(
             where,
-            f"statistics lack {missing}: rerun the stats stage (it computes the max-scaled "
-            "optical input's statistics since contract C2)",
+            f"statistics lack {missing}: rerun the stats stage (it computes the statistics "
+            "of the max-scaled optical input too)",
         )
     mean = [float(stats[k]["mean"]) for k in keys]
     std = [float(stats[k]["std"]) for k in keys]

@@ -1,8 +1,10 @@
 """Projection heads on top of the student backbone.
 
 - ``ProjectionHead``: the SimDINO-style head of the self-distillation branch (MS path).
-- ``TokenHead`` / ``DistillHeads``: map the student's RGB-path features to the optical VFM's
-  width, one head per distilled target (``cls``, ``patch_final``, ``patch_mid``).
+- ``DistillHeads``: map the student's RGB-path features to the optical VFM's width, one head
+  per distilled target (``cls``, ``patch_final``, ``patch_mid``): the authors' DINO-style MLP
+  (a ``ProjectionHead`` with the VFM's width as bottleneck), or ``TokenHead`` (LayerNorm +
+  Linear) as the low-capacity alternative.
 - ``to_token_grid``: puts a Swin stage map on the VFM's patch grid in ViT token order.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from itertools import pairwise
+from typing import Literal
 
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -54,23 +57,17 @@ class ProjectionHead(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """Maps student features to the VFM width, one vector (pooled or token) at a time.
+    """LayerNorm + one Linear to the VFM width: the low-capacity alternative to the MLP head.
 
     LayerNorm first: Swin's stage outputs are raw residual streams whose scale differs by
-    stage, and the cosine loss only cares about direction, so normalising puts every head on
-    the same footing. By default a single Linear follows (``hidden_dim=None``): a low-capacity
-    adapter keeps the work of matching the VFM in the backbone, whose features are what we
-    export; ``hidden_dim`` gives a 2-layer GELU MLP for the ablation that wants a freer head.
+    stage, and the cosine loss only cares about direction. A single Linear keeps the work of
+    matching the VFM in the backbone, whose features are what we export (``head.distill:
+    linear``); the authors use ``ProjectionHead`` instead (``head.distill: mlp``).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> None:
+    def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.LayerNorm(in_dim)]
-        if hidden_dim is None:
-            layers.append(nn.Linear(in_dim, out_dim))
-        else:
-            layers += [nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim)]
-        self.proj = nn.Sequential(*layers)
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim))
         self.apply(_init_linear)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,8 +103,16 @@ class HeadSwitches:
     patch_mid: bool = True
 
 
+DistillKind = Literal["mlp", "linear"]
+
+
 class DistillHeads(nn.Module):
     """The student-side heads of the VFM-distillation branch, keyed by target name.
+
+    ``kind="mlp"`` (the authors' ``DINOHead`` in ``main_dino.py``): ``n_layers`` Linear layers
+    with GELU, ``hidden_dim`` wide, bottleneck at the VFM width, L2-normalised output.
+    ``kind="linear"``: ``TokenHead``. Patch heads act on each token of the student's stage map
+    *before* it is resized to the VFM's grid, as the authors' ``cosine_patch_loss`` does.
 
     Only switched-on heads are built, so an ablation leaves no unused parameters behind (DDP
     would otherwise need ``find_unused_parameters``) and nothing extra in checkpoints.
@@ -118,7 +123,9 @@ class DistillHeads(nn.Module):
         student_dims: tuple[int, ...],
         vfm_dim: int,
         switches: HeadSwitches,
-        hidden_dim: int | None = None,
+        kind: DistillKind = "mlp",
+        hidden_dim: int = 2048,
+        n_layers: int = 3,
     ) -> None:
         """``student_dims`` = (pooled, final stage, mid stage) widths, as
         ``DualEmbedSwin.distill_dims`` gives them."""
@@ -127,26 +134,38 @@ class DistillHeads(nn.Module):
             raise ValueError(
                 f"student_dims must be (pooled, final-stage, mid-stage) widths, got {student_dims}"
             )
+        if kind not in ("mlp", "linear"):
+            raise ValueError(f"unknown distillation head kind {kind!r}; expected mlp or linear")
         pooled_dim, final_dim, mid_dim = student_dims
         in_dims = {"cls": pooled_dim, "patch_final": final_dim, "patch_mid": mid_dim}
+
+        def head(in_dim: int) -> nn.Module:
+            if kind == "mlp":
+                return ProjectionHead(in_dim, hidden_dim, vfm_dim, n_layers)
+            return TokenHead(in_dim, vfm_dim)
+
         self.heads = nn.ModuleDict(
-            {
-                f.name: TokenHead(in_dims[f.name], vfm_dim, hidden_dim)
-                for f in fields(switches)
-                if getattr(switches, f.name)
-            }
+            {f.name: head(in_dims[f.name]) for f in fields(switches) if getattr(switches, f.name)}
         )
 
-    def forward(self, feats: StudentFeatures, grid: tuple[int, int]) -> dict[str, Tensor]:
+    def forward(self, feats: StudentFeatures, grid: tuple[int, int] | None) -> dict[str, Tensor]:
         """{"cls": (B, D), "patch_final": (B, P, D), "patch_mid": (B, P, D)}, P = gh * gw,
-        for the heads that exist."""
+        for the heads that exist; ``grid=None`` (local views) gives the [cls] only."""
         out: dict[str, Tensor] = {}
         if "cls" in self.heads:
             out["cls"] = self.heads["cls"](feats.pooled)
+        if grid is None:
+            return out
         for name, feature_map in (
             ("patch_final", feats.patch_final),
             ("patch_mid", feats.patch_mid),
         ):
             if name in self.heads:
-                out[name] = self.heads[name](to_token_grid(feature_map, grid))
+                tokens = self.heads[name](feature_map.permute(0, 2, 3, 1))  # (B, H, W, D)
+                out[name] = to_token_grid(tokens.permute(0, 3, 1, 2), grid)
         return out
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether a [cls] head exists (local views are run only for it)."""
+        return "cls" in self.heads

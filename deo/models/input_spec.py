@@ -18,23 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deo.errors import ConfigError
-
-MODEL_BANDS: tuple[str, ...] = (
-    "B04",
-    "B03",
-    "B02",
-    "B05",
-    "B06",
-    "B07",
-    "B08",
-    "B8A",
-    "B11",
-    "B12",
-)
-"""The model's 10 MS channels, in order: R, G, B (optical), then the 7 other bands (C2)."""
-
-OPTICAL_CHANNELS: tuple[int, ...] = (0, 1, 2)
+from deo.data.model_input import MODEL_BANDS, OPTICAL_CHANNELS, normalisation
+from deo.errors import ConfigError, DataError
 
 # The authors' normalisation of the optical channels once scaled into [0, 1]
 # (DEO/utils/augmentations.py, ``normalize_hr``; torchgeo's ``_deo_transforms``, first three).
@@ -141,20 +126,24 @@ class InputSpec:
 
 
 def training_input_spec(
-    band_stats: Mapping[str, Mapping[str, float]], img_size: int, window_size: int
+    band_stats: Mapping[str, Mapping[str, float]],
+    img_size: int,
+    window_size: int,
+    partners: bool = True,
 ) -> InputSpec:
-    """The spec of a model trained here: optical channels by their max then the authors'
-    [0, 1] statistics, the other bands with the store's per-band DN statistics."""
-    rest = MODEL_BANDS[len(OPTICAL_CHANNELS) :]
-    missing = [b for b in rest if b not in band_stats]
-    if missing:
-        raise ConfigError(f"the store's statistics lack band(s) {missing}")
+    """The spec of a model trained here: exactly the normalisation training used, i.e. the
+    optical channels by their max, then the stats stage's statistics of that max-scaled input
+    (``partners``: with the aerial partners, else Sentinel-2's RGB) and of the 7 other bands."""
+    try:
+        mean, std = normalisation(band_stats, partners)
+    except DataError as err:
+        raise ConfigError(str(err)) from err
     return InputSpec(
         bands=MODEL_BANDS,
         optical_channels=OPTICAL_CHANNELS,
         optical_scale="max",
-        mean=(*OPTICAL_MEAN, *(float(band_stats[b]["mean"]) for b in rest)),
-        std=(*OPTICAL_STD, *(float(band_stats[b]["std"]) for b in rest)),
+        mean=tuple(mean),
+        std=tuple(std),
         img_size=img_size,
         window_size=window_size,
     )

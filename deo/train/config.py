@@ -9,7 +9,7 @@ from typing import Any, Literal
 from deo.config import from_dict
 from deo.errors import ConfigError
 from deo.losses import LossWeights
-from deo.models.heads import HeadSwitches
+from deo.models.heads import DistillKind, HeadSwitches
 from deo.models.student import StudentConfig
 from deo.models.teacher import TeacherConfig
 
@@ -37,9 +37,13 @@ class CropConfig:
 
 @dataclass(frozen=True)
 class HeadConfig:
+    """The MS projection head; the VFM-distillation heads share its hidden width and depth
+    (the authors' ``--hidden_dim``), their bottleneck being the VFM's width."""
+
     hidden_dim: int = 2048
     out_dim: int = 256
     n_layers: int = 3
+    distill: DistillKind = "mlp"  # the authors' DINO-style MLP, or "linear" (LayerNorm + Linear)
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,16 @@ class OptimConfig:
     warmup_epochs: int = 10
     weight_decay: tuple[float, float] = (0.04, 0.4)
     momentum: tuple[float, float] = (0.996, 1.0)
-    clip_grad: float = 3.0
-    freeze_last_layer_epochs: int = 1
+    clip_grad: float = 3.0  # 0: no clipping
+    # per_tensor: each parameter's gradient norm clipped to clip_grad (the authors' DINO
+    # clip_gradients); global: the norm of all gradients together (clip_grad_norm_)
+    clip_mode: Literal["per_tensor", "global"] = "per_tensor"
+    # The authors name nothing "last_layer", so their freeze is a no-op: 0 reproduces it.
+    freeze_last_layer_epochs: int = 0
     betas: tuple[float, float] = (0.9, 0.999)
+    # Weight decay on the relative-position tables (2-D: the authors' param groups decay them);
+    # biases and norms (1-D) never decay.
+    wd_position_tables: bool = True
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,11 @@ class TrainConfig:
     ablation: Ablation = field(default_factory=Ablation)
     epochs: int = 100
     batch_size: int = 64  # global batch over all ranks
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU runs fp32
+    # autocast dtype on CUDA, fp16 with a GradScaler (the authors'); CPU runs fp32 and says so
+    precision: Literal["bf16", "fp16", "fp32"] = "fp16"
+    # The EMA teacher runs in training mode, stochastic depth on (the authors never call
+    # teacher.eval()); false: deterministic teacher.
+    ema_drop_path: bool = True
     compile: bool = False
     workers: int = 8
     seed: int = 0

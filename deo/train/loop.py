@@ -28,6 +28,7 @@ from deo.cache.reader import CachedTargets
 from deo.cache.spec import GlobalViews
 from deo.config import digest, to_dict
 from deo.data.augment import MultiCrop
+from deo.losses import CovarianceLayout
 from deo.models.teacher import TeacherConfig, VFMTeacher
 from deo.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from deo.train.config import TrainConfig
@@ -40,6 +41,7 @@ from deo.train.distributed import (
 )
 from deo.train.inputs import render_views, training_data, view_generator
 from deo.train.meta_arch import DualTeacherDistillation, StudentWithHeads
+from deo.train.optim import clip_gradients, param_groups
 from deo.train.schedules import Schedules, build_schedules
 
 log = logging.getLogger(__name__)
@@ -74,17 +76,6 @@ class RunPaths:
     @property
     def config(self) -> Path:
         return self.root / "config.json"
-
-
-def param_groups(student: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices only: not on biases, norms or position-bias tables."""
-    decay, no_decay = [], []
-    for name, p in student.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or "relative_position_bias_table" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False}]
 
 
 def param_checksum(module: nn.Module) -> float:
@@ -157,6 +148,12 @@ def _train(
 ) -> Path:
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"train.batch_size {cfg.batch_size} must divide by {ctx.world_size} ranks")
+    layout = CovarianceLayout.of(cfg.loss.cov_groups, ctx.world_size)
+    if (cfg.batch_size // ctx.world_size) % layout.per_rank:
+        raise ValueError(
+            f"train.batch_size {cfg.batch_size} does not split into loss.cov_groups "
+            f"{cfg.loss.cov_groups} equal groups"
+        )
     resolved = {"train": to_dict(cfg), "teacher": to_dict(teacher_cfg)}
     cache = None
     if teacher_cache is not None:
@@ -205,14 +202,9 @@ def _train(
     if cfg.compile:
         student = torch.compile(student)
     cuda = ctx.device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        param_groups(model.student), lr=0.0, betas=cfg.optim.betas, fused=cuda
-    )
-    scaler = torch.amp.GradScaler(enabled=cuda and cfg.precision == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    autocast = (
-        torch.autocast("cuda", dtype=amp_dtype) if cuda and amp_dtype is not None else nullcontext()
-    )
+    groups = param_groups(model.student, cfg.optim.wd_position_tables)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=cuda)
+    scaler, autocast = _precision(cfg.precision, ctx)
 
     step = 0
     if paths.checkpoint.exists():
@@ -325,8 +317,8 @@ def _step(
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-        model.student.parameters(), cfg.optim.clip_grad
+    terms["grad_norm"] = clip_gradients(
+        model.student.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode
     )
     if schedules.last_layer_frozen[step]:
         for p in frozen:
@@ -335,6 +327,27 @@ def _step(
     scaler.update()
     model.teacher.update(model.student, values["momentum"])
     return terms
+
+
+def _precision(precision: str, ctx: DistContext) -> tuple[torch.amp.GradScaler, Any]:
+    """The GradScaler and autocast context of ``train.precision`` on this device.
+
+    fp16 (the authors') autocasts to float16 with a dynamic loss scale; bf16 autocasts without
+    one (its exponent range is float32's). Autocast and the scaler are CUDA-only here: a CPU run
+    trains in float32 and logs that it does.
+    """
+    cuda = ctx.device.type == "cuda"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if amp_dtype is not None and not cuda and ctx.is_main:
+        log.warning(
+            "train.precision %s applies on CUDA only: this %s run trains in float32",
+            precision,
+            ctx.device.type,
+        )
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cuda and amp_dtype is torch.float16)
+    if cuda and amp_dtype is not None:
+        return scaler, torch.autocast("cuda", dtype=amp_dtype)
+    return scaler, nullcontext()
 
 
 def _metrics(

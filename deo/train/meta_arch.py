@@ -23,10 +23,12 @@ from deo.train.config import TrainConfig
 
 @dataclass
 class StudentOutputs:
-    """Projection-head embeddings of every view, and the optical projections of global views."""
+    """Projection-head embeddings of every view, and the optical projections."""
 
     ms: Tensor  # (V, B, p): global views first, then local views
-    optical: dict[str, Tensor]  # "cls" (2, B, D); "patch_final"/"patch_mid" (2, B, P, D)
+    # "cls" (V, B, D) with cls_views "all" (global views first), (2, B, D) with "global";
+    # "patch_final"/"patch_mid" (2, B, P, D): global views only
+    optical: dict[str, Tensor]
 
 
 class StudentWithHeads(nn.Module):
@@ -39,34 +41,52 @@ class StudentWithHeads(nn.Module):
             self.backbone.num_features, cfg.head.hidden_dim, cfg.head.out_dim, cfg.head.n_layers
         )
         self.distill = (
-            DistillHeads(self.backbone.distill_dims, vfm_dim, cfg.head_switches)
+            DistillHeads(
+                self.backbone.distill_dims,
+                vfm_dim,
+                cfg.head_switches,
+                kind=cfg.head.distill,
+                hidden_dim=cfg.head.hidden_dim,
+                n_layers=cfg.head.n_layers,
+            )
             if vfm_dim is not None
             else None
         )
         self.optical_path = cfg.ablation.optical_path
+        self.cls_all_views = cfg.loss.cls_views == "all"
 
     def forward(
         self,
         global_ms: Tensor,
         local_ms: Tensor | None,
         global_rgb: Tensor | None,
+        local_rgb: Tensor | None,
         grid: tuple[int, int] | None,
     ) -> StudentOutputs:
-        """Views are stacked per size: ``global_ms`` (2·B, C, H, W), ``local_ms`` (n·B, ...)."""
+        """Views are stacked per size: ``global_ms`` (2·B, C, H, W), ``local_ms`` (n·B, ...),
+        likewise the optical inputs ``global_rgb`` and ``local_rgb`` (3 channels)."""
         n_global = 2
+        batch = global_ms.shape[0] // n_global
         feats = self.backbone(global_ms, "ms")
+        local_feats = self.backbone(local_ms, "ms") if local_ms is not None else None
         embeddings = [self.head(feats.pooled)]
-        if local_ms is not None:
-            embeddings.append(self.head(self.backbone(local_ms, "ms").pooled))
-        ms = torch.cat(embeddings).unflatten(0, (-1, global_ms.shape[0] // n_global))
+        if local_feats is not None:
+            embeddings.append(self.head(local_feats.pooled))
+        ms = torch.cat(embeddings).unflatten(0, (-1, batch))
         optical: dict[str, Tensor] = {}
         if self.distill is not None and grid is not None:
-            # Without a separate optical path the MS features of the global views are distilled.
+            # Without a separate optical path the MS features of the views are distilled.
             optical_feats = self.backbone(global_rgb, "rgb") if self.optical_path else feats
-            optical = {
-                name: out.unflatten(0, (n_global, -1))
-                for name, out in self.distill(optical_feats, grid).items()
-            }
+            optical = self.distill(optical_feats, grid)
+            if self.cls_all_views and self.distill.has_cls and local_feats is not None:
+                local_optical = local_feats
+                if self.optical_path:
+                    if local_rgb is None:
+                        raise ValueError("cls_views 'all' needs the optical input of local views")
+                    local_optical = self.backbone(local_rgb, "rgb")
+                local_cls = self.distill(local_optical, None)["cls"]
+                optical["cls"] = torch.cat([optical["cls"], local_cls])
+            optical = {name: out.unflatten(0, (-1, batch)) for name, out in optical.items()}
         return StudentOutputs(ms=ms, optical=optical)
 
 
@@ -112,11 +132,19 @@ class DualTeacherDistillation(nn.Module):
             raise ValueError("the configured losses need a VFM teacher (or its targets' width)")
         self.cfg = cfg
         self.weights = cfg.effective_loss
+        self.ema_drop_path = cfg.ema_drop_path
         dim = vfm.embed_dim if vfm is not None else vfm_dim
         self.student = StudentWithHeads(cfg, dim if cfg.uses_vfm else None)
         self.teacher = EmaTeacher(self.student, cfg)
         # The VFM is frozen and restored from its own weights file: kept out of state_dict.
         self._vfm = [vfm if cfg.uses_vfm else None]
+        self.train()
+
+    def train(self, mode: bool = True) -> DualTeacherDistillation:
+        """Training mode; the EMA teacher keeps stochastic depth only with ``ema_drop_path``."""
+        super().train(mode)
+        self.teacher.train(mode and self.ema_drop_path)
+        return self
 
     @property
     def vfm(self) -> VFMTeacher | None:
@@ -139,12 +167,13 @@ class DualTeacherDistillation(nn.Module):
         global_ms = torch.cat(views.global_ms)
         local_ms = torch.cat(views.local_ms) if views.local_ms else None
         global_rgb = torch.cat(views.global_rgb)
+        local_rgb = torch.cat(views.local_rgb) if views.local_rgb else None
         if self.vfm is not None and targets is None:
             targets = self.vfm_targets(views.global_rgb)
         elif self.cfg.uses_vfm and targets is None:
             raise ValueError("no VFM teacher here: pass its targets (teacher.mode: cached)")
         grid = targets[0].grid if targets else None
-        out = student(global_ms, local_ms, global_rgb, grid)
+        out = student(global_ms, local_ms, global_rgb, local_rgb, grid)
         teacher_ms = self.teacher(global_ms)
         optical = None
         if targets:

@@ -14,13 +14,14 @@ import numpy as np
 def cosine(
     start: float, end: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
 ) -> np.ndarray:
-    """Linear warm-up from ``warmup_start`` to ``start``, then half a cosine from start to end."""
+    """The authors' ``cosine_scheduler`` (DINO): a linear warm-up from ``warmup_start`` that
+    reaches ``start`` on its last step, then ``end + ½(start − end)(1 + cos(π·i/n))`` for the
+    remaining ``n`` steps ``i = 0 … n−1`` (so the last value is just above ``end``)."""
     if total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
-    warmup = np.linspace(warmup_start, start, warmup_steps, endpoint=False)
-    steps = np.arange(total_steps - warmup_steps)
-    span = max(len(steps) - 1, 1)
-    decay = end + 0.5 * (start - end) * (1 + np.cos(np.pi * steps / span))
+    warmup = np.linspace(warmup_start, start, warmup_steps)
+    n = total_steps - warmup_steps
+    decay = end + 0.5 * (start - end) * (1 + np.cos(np.pi * np.arange(n) / max(n, 1)))
     return np.concatenate([warmup, decay])
 
 
