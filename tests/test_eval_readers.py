@@ -200,7 +200,11 @@ def write_fake_geobench(
             if mask:
                 f.create_dataset("label", data=rng.integers(0, 3, (size, size)))
             f.attrs["pickle"] = _geobench_pickle(None if mask else label, bands)
-    stats = {b: {"mean": 100.0 + i, "std": 10.0 + i} for i, b in enumerate(bands)}
+    # GEO-Bench's band_stats.json declares each band's range beside its moments.
+    stats = {
+        b: {"mean": 100.0 + i, "std": 10.0 + i, "min": 1.0, "max": 254.0}
+        for i, b in enumerate(bands)
+    }
     (root / "band_stats.json").write_text(json.dumps(stats))
     partition = {"train": names, "valid": names[:1], "test": names[1:]}
     (root / "default_partition.json").write_text(json.dumps(partition))
