@@ -16,7 +16,15 @@ from deo.evaluation.inputs import ModelInput
 from deo.evaluation.protocols import ProtocolConfig
 from deo.evaluation.registry import get_benchmark
 from deo.evaluation.run import read_results, run_job
-from deo.evaluation.summarise import collect_jobs, read_paper, summarise, write_summary
+from deo.evaluation.summarise import (
+    ablation_markdown,
+    ablation_table,
+    collect_jobs,
+    read_paper,
+    read_paper_ablation,
+    summarise,
+    write_summary,
+)
 from deo.evaluation.synthetic import write_demo_benchmarks
 from deo.models.export import load_backbone
 from deo.models.input_spec import RELEASED_DEO, InputSpec
@@ -158,3 +166,29 @@ def summarise_results(
     html = table[shown].to_html(index=False, na_rep="", border=0, classes="deo-summary")
     out_html.write_text(f"<html><body><h3>Downstream results</h3>{html}</body></html>")
     log.info("summary of %d jobs for %d models", len(jobs), len(models))
+
+
+def ablation_results(
+    expected: Sequence[tuple[str, str, int]],
+    csvs: Sequence[Path],
+    runs: Sequence[str],
+    paper: Path,
+    out_csv: Path,
+    out_md: Path,
+    out_html: Path,
+    unavailable: Sequence[str] = (),
+) -> None:
+    """The ablation table: one row per run of ``runs``, averages beside the paper's rows."""
+    jobs = [
+        replace(job, status="missing", reason="benchmark data not available")
+        if job.benchmark in unavailable and job.status == "failed"
+        else job
+        for job in collect_jobs(expected, csvs)
+    ]
+    table = ablation_table(jobs, runs, read_paper_ablation(paper))
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_csv, index=False, float_format="%.4f")
+    out_md.write_text(ablation_markdown(table))
+    html = table.to_html(index=False, na_rep="", border=0, float_format="%.2f")
+    out_html.write_text(f"<html><body><h3>Ablation</h3>{html}</body></html>")
+    log.info("ablation table of %d runs from %d jobs", len(runs), len(jobs))
