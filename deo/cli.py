@@ -475,7 +475,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = cmd("plot-results", _plot_results, "figure: results vs the paper, and the ablation")
     s.add_argument("--summary", type=Path, required=True, help="results/summary.csv")
-    s.add_argument("--ablation", type=Path, required=True, help="results/ablation.csv")
+    s.add_argument("--ablation", type=Path, default=None, help="results/ablation.csv")
     s.add_argument("--models", nargs="+", required=True, help="models shown, in order")
     s.add_argument("--out", type=Path, required=True)
 

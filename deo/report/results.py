@@ -30,23 +30,25 @@ ABLATION_SERIES: tuple[tuple[str, str], ...] = (
 )
 
 
-def plot_results(summary: Path, ablation: Path, models: Sequence[str], out: Path) -> None:
-    """Save the two-panel results figure to ``out`` (PNG)."""
+def plot_results(summary: Path, ablation: Path | None, models: Sequence[str], out: Path) -> None:
+    """Save the results figure to ``out`` (PNG); the ablation panel only with ``ablation``."""
     table = pd.read_csv(summary)
     absent = [m for m in models if f"{m}_mean" not in table]
     if absent:
         raise ConfigError(f"{summary}: no columns for models {absent}")
     benchmarks = table[~table["benchmark"].astype(str).str.startswith("average")]
-    ablation_rows = pd.read_csv(ablation)
-    fig, (left, right) = plt.subplots(
+    panels = 2 if ablation is not None else 1
+    fig, axes = plt.subplots(
         1,
-        2,
-        figsize=(max(10.0, 1.1 * len(benchmarks) + 6), 5),
+        panels,
+        figsize=(max(6.0, 1.1 * len(benchmarks) + 3 * panels), 5),
         constrained_layout=True,
-        gridspec_kw={"width_ratios": [max(len(benchmarks), 2), 3]},
+        gridspec_kw={"width_ratios": [max(len(benchmarks), 2), 3][:panels]},
+        squeeze=False,
     )
-    _benchmark_panel(left, benchmarks, models)
-    _ablation_panel(right, ablation_rows)
+    _benchmark_panel(axes[0, 0], benchmarks, models)
+    if ablation is not None:
+        _ablation_panel(axes[0, 1], pd.read_csv(ablation))
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
