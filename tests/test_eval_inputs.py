@@ -25,7 +25,7 @@ from deo.evaluation.inputs import (
     value_scale,
 )
 from deo.evaluation.run import check_inputs
-from deo.models.input_spec import RELEASED_DEO, InputSpec
+from deo.models.input_spec import MODEL_BANDS, RELEASED_DEO, InputSpec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,19 +154,22 @@ def test_optical_benchmark_through_the_ms_embedding_of_a_model_without_optical_p
     out = floor(raw).numpy()
     assert floor.embedding == "ms" and out.shape == (10, 2, 2)
     for name, src in (("B04", 2), ("B03", 1), ("B02", 0)):  # channels given blue, green, red
-        np.testing.assert_allclose(out[MS_BANDS.index(name)], raw[src] / 255.0, rtol=1e-6)
-    others = [i for i, b in enumerate(MS_BANDS) if b not in ("B04", "B03", "B02")]
+        np.testing.assert_allclose(out[MODEL_BANDS.index(name)], raw[src] / 255.0, rtol=1e-6)
+    others = [i for i, b in enumerate(MODEL_BANDS) if b not in ("B04", "B03", "B02")]
     assert np.all(out[others] == 0.0)
 
-    spec = InputSpec(
-        bands=("B4", "B3", "B2", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"),
-        optical_channels=(0, 1, 2),
-        optical_scale=255.0,
-        mean=(0.5, 0.4, 0.3, 1, 1, 1, 1, 1, 1, 1),
-        std=(0.2, 0.25, 0.5, 1, 1, 1, 1, 1, 1, 1),
-        img_size=224,
-        window_size=12,
+    text = json.dumps(
+        {
+            "bands": ["B4", "B3", "B2", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"],
+            "optical_channels": [0, 1, 2],
+            "optical_scale": 255,
+            "mean": [0.5, 0.4, 0.3, 1, 1, 1, 1, 1, 1, 1],
+            "std": [0.2, 0.25, 0.5, 1, 1, 1, 1, 1, 1, 1],
+            "img_size": 224,
+            "window_size": 12,
+        }
     )
+    spec = InputSpec.from_json(text)  # torchgeo's spelling, as a checkpoint's metadata has it
     assert [canonical_s2(b) for b in spec.bands[:3]] == ["B04", "B03", "B02"]
     ms = no_spec.for_model(ModelInput(spec, "model", optical_path=False))(raw).numpy()
     for c, src in enumerate((2, 1, 0)):

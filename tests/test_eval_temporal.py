@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from deo.data.bands import MS_BANDS
 from deo.errors import ConfigError
 from deo.evaluation.datasets import PASTIS
 from deo.evaluation.encoders import FeatureEncoder, load_encoder
 from deo.evaluation.protocols import DenseConfig, TemporalConfig
 from deo.evaluation.protocols.segmentation import run_segmentation
 from deo.evaluation.protocols.temporal import LTAE, LinearOverTime
+from deo.models.input_spec import MODEL_BANDS
 from deo.models.student import StudentConfig
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(120)]
@@ -69,9 +71,10 @@ def test_pastis_series_keeps_evenly_spaced_dates_normalised_per_band(tmp_path: P
     series = np.load(tmp_path / "PASTIS-R" / "DATA_S2" / f"S2_{pid}.npy").astype(np.float64)
     stats = json.loads((tmp_path / "deo_band_stats.json").read_text())["bands"]
     for k, date in enumerate([0, 1, 3, 4]):  # round(linspace(0, 4, 4)) = 0, 1.33, 2.67, 4
-        for c, band in enumerate(["B02", "B03", "B04", "B05", "B06", "B07", "B08"]):
+        for c, band in enumerate(MS_BANDS):  # PASTIS's order, B2 … B12
             expected = (series[date, c] - stats[band]["mean"]) / stats[band]["std"]
-            np.testing.assert_allclose(image[k, c].numpy(), expected, rtol=1e-5, atol=1e-5)
+            actual = image[k, MODEL_BANDS.index(band)].numpy()
+            np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
     assert PASTIS(tmp_path, "val")[0]["image"].shape == (10, 8, 8)  # the median option
 
 

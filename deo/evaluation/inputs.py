@@ -5,7 +5,8 @@ its product, so the mapping onto the model's inputs is written once, by band nam
 by position. What the model expects comes from its input spec (``deo.models.input_spec``,
 contract C2), set per job through ``ModelInput``:
 
-- the model's 10 channels, in the spec's band order (``MS_BANDS`` for a model without one);
+- the model's 10 channels, in the spec's band order (for a model without one, contract C2's
+  ``MODEL_BANDS``: R, G, B as B04, B03, B02, then B05 … B12);
 - ``normalisation: model`` (default): as the model was trained. The optical channels
   (R, G, B) are scaled into [0, 1] (by their joint per-image maximum for ``optical_scale:
   max``, else by the spec's number for Sentinel-2 DN, by the product's own scale for an optical
@@ -45,10 +46,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from deo.data.bands import MS_BANDS
 from deo.data.stats import Moments
 from deo.errors import ConfigError, DataError
-from deo.models.input_spec import InputSpec
+from deo.models.input_spec import MODEL_BANDS, OPTICAL_CHANNELS, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class ModelInput:
     def channels(self) -> tuple[str, ...]:
         """The model's MS channels, in its order (canonical names)."""
         if self.spec is None:
-            return MS_BANDS
+            return MODEL_BANDS
         return tuple(canonical_s2(b) for b in self.spec.bands)
 
     @property
@@ -199,7 +199,7 @@ class ModelInput:
         """Positions of R, G, B among ``channels``."""
         if self.spec is not None:
             return self.spec.optical_channels
-        return tuple(MS_BANDS.index(b) for b in ("B04", "B03", "B02"))
+        return OPTICAL_CHANNELS
 
 
 class InputMapping:
