@@ -179,9 +179,8 @@ def check_inputs(name: str, dataset: Dataset, samples: int = CHECKED_SAMPLES) ->
     if mapping is None:
         return []
     count = min(samples, len(dataset))  # type: ignore[arg-type]
-    images = [
-        dataset[i][key] for i in range(count) for key in ("image", "image1") if key in dataset[i]
-    ]
+    samples = [dataset[i] for i in range(count)]
+    images = [sample[key] for sample in samples for key in ("image", "image1") if key in sample]
     problems = input_warnings(name, mapping, images)
     for problem in problems:
         log.warning("degenerate input: %s", problem)
