@@ -197,3 +197,25 @@ def test_nearly_constant_channel_is_warned_with_benchmark_and_channel(
     assert len(problems) == 1 and "channel 1 (green)" in problems[0]
     assert "m-flat" in caplog.text and "nearly constant" in caplog.text
     assert torch.all(ds[0]["image"][1] == 7 / 255.0)
+
+
+def test_ms_values_far_from_the_declared_statistics_are_warned() -> None:
+    bands = ("B02", "B03", "B04")
+    stats = BandStats(dict.fromkeys(bands, 1500.0), dict.fromkeys(bands, 900.0))
+    mapping = InputMapping("ms", bands, stats=stats, source="m-x")
+    rng = np.random.default_rng(0)
+    dn = [mapping(rng.uniform(500, 3000, (3, 4, 4)).astype(np.float32)) for _ in range(2)]
+    assert input_warnings("m-x", mapping, dn) == []
+    reflectance = [mapping(rng.uniform(0, 0.1, (3, 4, 4)).astype(np.float32)) for _ in range(2)]
+    # Reflectance normalised with DN statistics: every channel collapses to a constant.
+    flat = input_warnings("m-x", mapping, reflectance)
+    assert [w.split(" is ")[0] for w in flat] == [
+        "m-x: channel 0 (B04)",
+        "m-x: channel 1 (B03)",
+        "m-x: channel 2 (B02)",
+    ]
+    tenfold = BandStats(dict.fromkeys(bands, 15.0), dict.fromkeys(bands, 9.0))
+    scaled = InputMapping("ms", bands, stats=tenfold, source="m-x")
+    far = input_warnings("m-x", scaled, [scaled(rng.uniform(500, 3000, (3, 4, 4)))])
+    assert len(far) == 3 and all("far from the range" in w for w in far)
+    assert far[2].startswith("m-x: channel 2 (B02) averages")

@@ -134,6 +134,8 @@ def cached_stats(path: Path, key: str, compute: Callable[[], BandStats]) -> Band
 _S2_SHORT = re.compile(r"B0?([1-9])")
 _CONSTANT_STD = 1e-4
 """A model channel whose values vary less than this over the checked samples is flagged."""
+_FAR_MEAN = 10.0
+"""A normalised channel whose mean is further than this many stds from 0 is flagged."""
 
 
 def canonical_s2(name: str) -> str:
@@ -348,8 +350,10 @@ def input_warnings(
     """Why the model inputs ``images`` (made by ``mapping``) look degenerate; [] when they don't.
 
     Flags a model channel that the benchmark provides but that is nearly constant over the
-    samples, and optical values whose range is far from the product's declared scale (above
-    it, or reaching less than a twentieth of it: a float product read as 8-bit turns black).
+    samples or, once normalised, averages more than ``_FAR_MEAN`` stds from 0 (reflectance in
+    [0, 1] normalised with DN statistics), and optical values whose range is far from the
+    product's declared scale (above it, or reaching less than a twentieth of it: a float
+    product read as 8-bit turns black).
     """
     stacked = [img.reshape(-1, *img.shape[-3:]) for img in images]
     if not stacked:
@@ -362,11 +366,19 @@ def input_warnings(
         provided = set(mapping.model.optical_channels)
     problems = []
     std = pixels.double().std(dim=1)
+    mean = pixels.double().mean(dim=1)
+    normalised = mapping.modality == "ms" or mapping.model.uses_spec
     for channel in sorted(provided):
+        name = f"{benchmark}: channel {channel} ({mapping.channels[channel]})"
         if float(std[channel]) < _CONSTANT_STD:
             problems.append(
-                f"{benchmark}: channel {channel} ({mapping.channels[channel]}) is nearly constant "
-                f"(std {float(std[channel]):.2e}) over the checked samples"
+                f"{name} is nearly constant (std {float(std[channel]):.2e}) over the checked "
+                "samples"
+            )
+        if normalised and abs(float(mean[channel])) > _FAR_MEAN:
+            problems.append(
+                f"{name} averages {float(mean[channel]):.1f} after normalisation: its values are "
+                "far from the range the statistics declare (a value-scale mismatch?)"
             )
     if mapping.modality == "rgb" and mapping.rgb_scale and math.isfinite(mapping.raw_max):
         scale, top = mapping.rgb_scale, mapping.raw_max
