@@ -323,6 +323,21 @@ def _summarise(a: argparse.Namespace) -> None:
     )
 
 
+def _ablation(a: argparse.Namespace) -> None:
+    from deo.evaluation.stage import ablation_results
+
+    expected = [tuple(job) for job in json.loads(a.expected)]
+    ablation_results(
+        expected, a.results, a.runs, a.paper, a.out_csv, a.out_md, a.out_html, a.unavailable
+    )
+
+
+def _plot_results(a: argparse.Namespace) -> None:
+    from deo.report.results import plot_results
+
+    plot_results(a.summary, a.ablation, a.models, a.out)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deo", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"deo {__version__}")
@@ -493,6 +508,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--unavailable", nargs="*", default=[], help="benchmarks without data")
     for name in ("--out-csv", "--out-md", "--out-html"):
         s.add_argument(name, type=Path, required=True)
+
+    s = cmd("ablation", _ablation, "the ablation table: averages per run beside the paper's")
+    s.add_argument("--expected", required=True, help="[[benchmark, run, seed], …] (JSON)")
+    s.add_argument("--results", type=Path, nargs="*", default=[])
+    s.add_argument("--runs", nargs="+", required=True, help="the ablation's runs, row order")
+    s.add_argument("--paper", type=Path, required=True, help="config/paper_ablation.csv")
+    s.add_argument("--unavailable", nargs="*", default=[], help="benchmarks without data")
+    for name in ("--out-csv", "--out-md", "--out-html"):
+        s.add_argument(name, type=Path, required=True)
+
+    s = cmd("plot-results", _plot_results, "figure: results vs the paper, and the ablation")
+    s.add_argument("--summary", type=Path, required=True, help="results/summary.csv")
+    s.add_argument("--ablation", type=Path, default=None, help="results/ablation.csv")
+    s.add_argument("--models", nargs="+", required=True, help="models shown, in order")
+    s.add_argument("--out", type=Path, required=True)
 
     s = cmd("stats", _stats, "per-band mean/std over a split, into the store and a JSON")
     for name in ("--store", "--table", "--out"):

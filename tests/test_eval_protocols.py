@@ -192,7 +192,7 @@ class FakeSpec:
     num_classes: int = 4
     root_exists: bool = True
 
-    def make(self, root: Path, split: str) -> list[dict[str, Tensor]]:
+    def make(self, root: Path, split: str, **kwargs: object) -> list[dict[str, Tensor]]:
         if not self.root_exists:
             raise DataError(root, "FakeSpec data not found")
         return splits(classification, n_train=32, n_eval=16)[split]

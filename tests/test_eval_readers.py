@@ -24,7 +24,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 from rasterio.transform import from_origin
 
-from deo.data.bands import MS_BANDS
 from deo.data.fetch import FetchItem
 from deo.errors import ConfigError, DataError
 from deo.evaluation import registry
@@ -43,6 +42,7 @@ from deo.evaluation.datasets.base import hash_split, low_label_subset
 from deo.evaluation.datasets.pickle_literals import Opaque, read_literals, to_plain
 from deo.evaluation.download import extract_zip
 from deo.evaluation.inputs import BandStats, InputMapping
+from deo.models.input_spec import MODEL_BANDS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,10 +108,10 @@ def test_ms_mapping_normalises_by_band_name_and_fills_missing_bands_with_the_mea
     assert out.shape == (10, 2, 2) and out.dtype == torch.float32
     for src, band in enumerate(bands):
         expected = (image[src] - stats.mean[band]) / stats.std[band]
-        np.testing.assert_allclose(out[MS_BANDS.index(band)].numpy(), expected, rtol=1e-6)
+        np.testing.assert_allclose(out[MODEL_BANDS.index(band)].numpy(), expected, rtol=1e-6)
     assert mapping.missing_bands == ("B05", "B06", "B07", "B8A", "B12")
     for band in mapping.missing_bands:
-        assert torch.all(out[MS_BANDS.index(band)] == 0)
+        assert torch.all(out[MODEL_BANDS.index(band)] == 0)
     assert "fake lacks B05, B06, B07, B8A, B12" in caplog.text
 
 
@@ -167,7 +167,12 @@ def test_geobench_brick_kiln_classification(no_pickles: None, no_fetch: None) ->
     assert int(sample["label"]) == 0  # the file's pickle: ... 'label' BININT1 0
     assert ds.modality == "ms" and ds.missing_bands == ()
     with h5py.File(root / f"{ds.sample_names[2]}.hdf5", "r") as f:
-        for channel, name in ((0, "02 - Blue"), (2, "04 - Red"), (7, "08A - Vegetation Red Edge")):
+        for band, name in (
+            ("B02", "02 - Blue"),
+            ("B04", "04 - Red"),
+            ("B8A", "08A - Vegetation Red Edge"),
+        ):
+            channel = MODEL_BANDS.index(band)
             raw = np.asarray(f[name], dtype=np.float64)
             expected = (raw - stats[name]["mean"]) / stats[name]["std"]
             np.testing.assert_allclose(sample["image"][channel].numpy(), expected, 1e-5, 1e-5)
@@ -200,7 +205,11 @@ def write_fake_geobench(
             if mask:
                 f.create_dataset("label", data=rng.integers(0, 3, (size, size)))
             f.attrs["pickle"] = _geobench_pickle(None if mask else label, bands)
-    stats = {b: {"mean": 100.0 + i, "std": 10.0 + i} for i, b in enumerate(bands)}
+    # GEO-Bench's band_stats.json declares each band's range beside its moments.
+    stats = {
+        b: {"mean": 100.0 + i, "std": 10.0 + i, "min": 1.0, "max": 254.0}
+        for i, b in enumerate(bands)
+    }
     (root / "band_stats.json").write_text(json.dumps(stats))
     partition = {"train": names, "valid": names[:1], "test": names[1:]}
     (root / "default_partition.json").write_text(json.dumps(partition))
@@ -231,10 +240,10 @@ def test_geobench_missing_band_is_the_normalised_mean_and_recorded(
         ds = GeoBenchClassification(root, "train", task_name="fake")
     assert ds.missing_bands == ("B05",) and "lacks B05" in caplog.text
     image = ds[1]["image"]
-    assert torch.all(image[MS_BANDS.index("B05")] == 0)
+    assert torch.all(image[MODEL_BANDS.index("B05")] == 0)
     with h5py.File(root / "id_1.hdf5", "r") as f:
         raw = np.asarray(f["06 - Vegetation Red Edge"], dtype=np.float64)
-    np.testing.assert_allclose(image[MS_BANDS.index("B06")].numpy(), (raw - 104.0) / 14.0)
+    np.testing.assert_allclose(image[MODEL_BANDS.index("B06")].numpy(), (raw - 104.0) / 14.0)
     assert [int(ds[i]["label"]) for i in range(3)] == [0, 1, 2]
 
 
@@ -417,7 +426,7 @@ def test_oscd_splits_tiles_mapping_and_cached_statistics(
     with Image.open(city / "B8A.tif") as tif:
         raw = np.asarray(tif, dtype=np.float64)
     expected = (raw - stats["B8A"]["mean"]) / stats["B8A"]["std"]
-    actual = whole["image1"][MS_BANDS.index("B8A")].numpy()
+    actual = whole["image1"][MODEL_BANDS.index("B8A")].numpy()
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
     assert isinstance(test.plot(whole), Figure)
 
@@ -488,7 +497,7 @@ def test_sen1floods11_reads_split_csvs_labels_and_band_order(
     )
     stats = json.loads((tmp_path / "deo_band_stats.json").read_text())["bands"]
     expected = (7000 + np.arange(16) - stats["B8A"]["mean"]) / stats["B8A"]["std"]
-    np.testing.assert_allclose(sample["image"][MS_BANDS.index("B8A"), 0].numpy(), expected, 1e-5)
+    np.testing.assert_allclose(sample["image"][MODEL_BANDS.index("B8A"), 0].numpy(), expected, 1e-5)
     assert isinstance(ds.plot(sample), Figure)
 
 
@@ -559,7 +568,7 @@ def test_pastis_folds_temporal_median_and_void_class(tmp_path: Path, no_fetch: N
     stats = json.loads((tmp_path / "deo_band_stats.json").read_text())["bands"]
     median = np.median(series, axis=0)
     expected = (median[7] - stats["B8A"]["mean"]) / stats["B8A"]["std"]
-    actual = sample["image"][MS_BANDS.index("B8A")].numpy()
+    actual = sample["image"][MODEL_BANDS.index("B8A")].numpy()
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
     mask = sample["mask"].numpy()
     assert np.all(mask[target == 19] == IGNORE_INDEX)

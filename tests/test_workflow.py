@@ -161,6 +161,10 @@ def test_evaluation_table_compares_trained_and_random(workdir: Path) -> None:
     assert set(cfg["benchmarks"]) <= set(summary["benchmark"])
     assert {"deo", "random"} <= set(summary.columns)
     assert "|" in (workdir / "results/summary.md").read_text()
+    ablation = pd.read_csv(workdir / "results/ablation.csv")
+    assert list(ablation["run"]) == cfg["ablation"]["runs"]
+    assert ablation[["optical_avg", "ms_avg", "overall_avg"]].notna().all().all()
+    assert (workdir / "results/report/results.png").stat().st_size > 10_000
 
 
 def test_report_holds_every_figure_with_its_caption(workdir: Path, tmp_path: Path) -> None:
@@ -170,6 +174,7 @@ def test_report_holds_every_figure_with_its_caption(workdir: Path, tmp_path: Pat
         html = archive.read("report/report.html").decode()
     figures = ["training.png", "data_counts.png", "coreg.png", "runtimes.png", "features_deo.png"]
     figures += ["views_deo.png"]
+    figures += ["results.png", "ablation.html"]
     assert set(figures) | {"summary.html", "metrics.csv", "rejects.csv"} <= names
     for caption in (ROOT / "workflow/report").glob("*.rst"):
         opening = " ".join(caption.read_text().split()[:4])
@@ -206,6 +211,7 @@ def test_a_train_key_reruns_training_only(workdir: Path) -> None:
     name = variant(workdir, "epochs.yaml", lambda c: c["train"]["defaults"].update(epochs=5))
     jobs = jobs_of_dry_run(workdir, "--configfile", name)
     downstream = {"distill", "export", "all", "evaluate", "summarise", "dump_views", *REPORTS}
+    downstream |= {"ablation", "results_figure"}
     assert {"distill", "export", "all"} <= jobs <= downstream
 
 

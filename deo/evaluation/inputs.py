@@ -1,18 +1,29 @@
-"""Map a benchmark's named bands onto the student's input channels, explicitly.
+"""Map a benchmark's named bands onto the evaluated model's input channels, explicitly.
 
-Every reader hands its raw pixels here with the names of their bands, so the mapping onto the
-model's inputs is written once, by band name, and never by position:
+Every reader hands its raw pixels here with the names of their bands and the value scale of
+its product, so the mapping onto the model's inputs is written once, by band name, and never
+by position. What the model expects comes from its input spec (``deo.models.input_spec``,
+contract C2), set per job through ``ModelInput``:
 
-- ``ms``: the 10 channels of ``deo.data.bands.MS_BANDS`` (B02 … B12 without B09/B10), each
-  normalised as ``(x - mean) / std`` with the benchmark's own statistics (keyed by band name).
-  A band the benchmark does not have is filled with 0 *after* normalisation, i.e. with that
-  band's mean: the most neutral value the model has seen, never a raw 0 that would read as an
-  extreme reflectance. Missing bands are logged once and exposed as ``missing_bands`` so results
-  can record them.
-- ``rgb``: the 3 channels red, green, blue of an optical (aerial or very-high-resolution)
-  image, divided by the sensor's full scale (255 for 8-bit products) and clipped to [0, 1].
-  An RGB benchmark without all three is an error: there is no neutral fill for an optical
-  image.
+- the model's 10 channels, in the spec's band order (for a model without one, contract C2's
+  ``MODEL_BANDS``: R, G, B as B04, B03, B02, then B05 … B12);
+- ``normalisation: model`` (default): as the model was trained. The optical channels
+  (R, G, B) are scaled into [0, 1] (by their joint per-image maximum for ``optical_scale:
+  max``, else by the spec's number for Sentinel-2 DN, by the product's own scale for an optical
+  benchmark), then every channel is ``(x - mean) / std`` with the spec's statistics.
+- ``normalisation: benchmark``: each MS band z-scored with the benchmark's own statistics
+  (keyed by band name), optical images left in [0, 1]: the comparison of earlier runs.
+
+A band the benchmark does not have is filled with 0 *after* normalisation, i.e. with that
+band's mean: the most neutral value the model has seen, never a raw 0 that would read as an
+extreme reflectance. Missing bands are logged once and exposed as ``missing_bands``.
+
+An optical (RGB) benchmark goes through the RGB embedding when the model has one; a model
+without an optical path takes it through its MS embedding, the image in the optical channels
+and every other channel at its normalised mean (0), as the authors' model sees RGB as the
+first channels of its MS input. An RGB benchmark without all three channels is an error: there
+is no neutral fill for an optical image. Optical values are divided by the product's scale
+(``value_scale``: from the declared statistics and dtype, never a constant) into [0, 1].
 
 Benchmark band names are translated to canonical ones before they get here: Sentinel-2 bands as
 ``B01`` … ``B12``/``B8A`` (as in ``deo.data.bands``), optical ones as ``red``, ``green``,
@@ -23,7 +34,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,13 +46,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from deo.data.bands import MS_BANDS
 from deo.data.stats import Moments
-from deo.errors import DataError
+from deo.errors import ConfigError, DataError
+from deo.models.input_spec import MODEL_BANDS, OPTICAL_CHANNELS, InputSpec
 
 log = logging.getLogger(__name__)
 
 Modality = Literal["ms", "rgb"]
+Normalisation = Literal["model", "benchmark"]
 
 RGB_CHANNELS: tuple[str, ...] = ("red", "green", "blue")
 """The 3 channels of the student's optical embedding, in this order."""
@@ -117,11 +131,85 @@ def cached_stats(path: Path, key: str, compute: Callable[[], BandStats]) -> Band
     return stats
 
 
+_S2_SHORT = re.compile(r"B0?([1-9])")
+_CONSTANT_STD = 1e-4
+"""A model channel whose values vary less than this over the checked samples is flagged."""
+_FAR_MEAN = 10.0
+"""A normalised channel whose mean is further than this many stds from 0 is flagged."""
+
+
+def canonical_s2(name: str) -> str:
+    """ESA's spelling of a Sentinel-2 band: torchgeo's ``B4`` and ESA's ``B04`` both give B04."""
+    match = _S2_SHORT.fullmatch(name.strip().upper())
+    return f"B0{match[1]}" if match else name.strip().upper()
+
+
+def value_scale(dtype: np.dtype | str, declared_max: float | None = None) -> float:
+    """The full scale of an optical product: what its values are divided by to reach [0, 1].
+
+    Read from the product, never assumed: a float product whose declared maximum is at most 1
+    is already in [0, 1]; an 8-bit product (by dtype, or by a declared maximum up to 255 in a
+    wider type) spans 0–255; otherwise the integer type's range, or for floats the nominal
+    range that holds the declared maximum (12-bit 4095, 16-bit 65535).
+    """
+    dtype = np.dtype(dtype)
+    if declared_max is not None and not math.isfinite(declared_max):
+        declared_max = None
+    if np.issubdtype(dtype, np.floating):
+        if declared_max is None:
+            raise ValueError("a float optical product needs its declared maximum to find its scale")
+        for full in (1.0, 255.0, 4095.0, 65535.0):
+            if declared_max <= full * 1.0001:
+                return full
+        return float(declared_max)
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"optical values of dtype {dtype} have no value scale")
+    if dtype.itemsize == 1 or (declared_max is not None and declared_max <= 255):
+        return 255.0
+    if declared_max is not None and declared_max <= 4095:
+        return 4095.0
+    return float(np.iinfo(dtype).max)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the evaluated model expects, set per job from its encoder (see the module doc)."""
+
+    spec: InputSpec | None = None
+    normalisation: Normalisation = "model"
+    optical_path: bool = True
+
+    def __post_init__(self) -> None:
+        if self.normalisation not in ("model", "benchmark"):
+            raise ConfigError(
+                f"evaluate.normalisation must be 'model' or 'benchmark', not {self.normalisation!r}"
+            )
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The model's MS channels, in its order (canonical names)."""
+        if self.spec is None:
+            return MODEL_BANDS
+        return tuple(canonical_s2(b) for b in self.spec.bands)
+
+    @property
+    def uses_spec(self) -> bool:
+        return self.normalisation == "model" and self.spec is not None
+
+    @property
+    def optical_channels(self) -> tuple[int, ...]:
+        """Positions of R, G, B among ``channels``."""
+        if self.spec is not None:
+            return self.spec.optical_channels
+        return OPTICAL_CHANNELS
+
+
 class InputMapping:
     """Turns a ``(C, H, W)`` array whose channels are ``bands`` into a model input tensor.
 
-    Built once per dataset from the band names the benchmark provides; the per-sample call
-    is then a few array operations.
+    Built once per dataset from what the benchmark provides (``modality``, ``bands``, its
+    statistics and value scale) and what the model expects (``model``); the per-sample call is
+    then a few array operations. ``embedding`` is the model path the input is for.
     """
 
     def __init__(
@@ -130,34 +218,78 @@ class InputMapping:
         bands: Sequence[str],
         *,
         stats: BandStats | None = None,
-        rgb_scale: float = 255.0,
+        rgb_scale: float | None = None,
         source: str = "benchmark",
+        model: ModelInput | None = None,
     ) -> None:
         if modality not in ("ms", "rgb"):
             raise ValueError(f"modality must be 'ms' or 'rgb', not {modality!r}")
         self.modality: Modality = modality
         self.bands = tuple(bands)
-        self.channels = MS_BANDS if modality == "ms" else RGB_CHANNELS
-        self.missing_bands = tuple(b for b in self.channels if b not in self.bands)
-        self._pairs = [(i, self.bands.index(b)) for i, b in enumerate(self.channels) if b in bands]
+        self.stats = stats
+        self.rgb_scale = rgb_scale
+        self.source = source
+        self.model = model or ModelInput()
+        self.embedding: Modality = "rgb" if modality == "rgb" and self.model.optical_path else "ms"
+        self.channels = RGB_CHANNELS if self.embedding == "rgb" else self.model.channels
+        self.raw_max = -math.inf
+        """Largest raw optical value seen, for the degenerate-input check."""
         if modality == "rgb":
-            if self.missing_bands:
-                raise DataError(source, f"an RGB input needs {RGB_CHANNELS}; has {self.bands}")
-            self._scale = np.full(3, 1.0 / rgb_scale, dtype=np.float32)
-            self._offset = np.zeros(3, dtype=np.float32)
-            return
-        if stats is None:
-            raise ValueError("an MS input needs the benchmark's band statistics")
-        present = [self.channels[i] for i, _ in self._pairs]
-        unknown = [b for b in present if b not in stats.mean or not stats.std.get(b)]
-        if unknown:
-            raise DataError(source, f"no usable mean/std for bands {unknown} in the statistics")
-        self._scale = np.array([1.0 / stats.std[b] for b in present], dtype=np.float32)
-        self._offset = np.array([stats.mean[b] for b in present], dtype=np.float32)
+            self._init_rgb()
+        else:
+            self._init_ms()
+
+    def for_model(self, model: ModelInput) -> InputMapping:
+        """The same benchmark mapped for another model."""
+        return InputMapping(
+            self.modality,
+            self.bands,
+            stats=self.stats,
+            rgb_scale=self.rgb_scale,
+            source=self.source,
+            model=model,
+        )
+
+    def _init_rgb(self) -> None:
+        absent = [b for b in RGB_CHANNELS if b not in self.bands]
+        if absent:
+            raise DataError(self.source, f"an RGB input needs {RGB_CHANNELS}; has {self.bands}")
+        self._src = [self.bands.index(b) for b in RGB_CHANNELS]
+        self.missing_bands: tuple[str, ...] = ()
+        spec = self.model.spec
+        if self.model.uses_spec and spec is not None:
+            opt = spec.optical_channels
+            self._rgb_mean = np.array([spec.mean[c] for c in opt], dtype=np.float32)
+            self._rgb_std = np.array([spec.std[c] for c in opt], dtype=np.float32)
+
+    def _init_ms(self) -> None:
+        channels = self.channels
+        canonical = [canonical_s2(b) for b in self.bands]
+        self.missing_bands = tuple(b for b in channels if b not in canonical)
+        self._pairs = [(i, canonical.index(b)) for i, b in enumerate(channels) if b in canonical]
+        spec = self.model.spec
+        if self.model.uses_spec and spec is not None:
+            self._offset = np.array([spec.mean[i] for i, _ in self._pairs], dtype=np.float32)
+            self._scale = np.array([1.0 / spec.std[i] for i, _ in self._pairs], dtype=np.float32)
+            self._optical = [
+                k for k, (i, _) in enumerate(self._pairs) if i in spec.optical_channels
+            ]
+        else:
+            if self.stats is None:
+                raise ValueError("an MS input needs the benchmark's band statistics")
+            present = [channels[i] for i, _ in self._pairs]
+            unknown = [b for b in present if b not in self.stats.mean or not self.stats.std.get(b)]
+            if unknown:
+                raise DataError(
+                    self.source, f"no usable mean/std for bands {unknown} in the statistics"
+                )
+            self._offset = np.array([self.stats.mean[b] for b in present], dtype=np.float32)
+            self._scale = np.array([1.0 / self.stats.std[b] for b in present], dtype=np.float32)
+            self._optical = []
         if self.missing_bands:
             log.warning(
                 "%s lacks %s: filled with %s after normalisation (the band mean)",
-                source,
+                self.source,
                 ", ".join(self.missing_bands),
                 MISSING_FILL,
             )
@@ -166,9 +298,94 @@ class InputMapping:
         """The model input for ``image`` (channels in ``self.bands`` order), float32."""
         if image.shape[0] != len(self.bands):
             raise ValueError(f"expected {len(self.bands)} channels, got {image.shape[0]}")
-        out = np.full((len(self.channels), *image.shape[1:]), MISSING_FILL, dtype=np.float32)
-        for k, (dst, src) in enumerate(self._pairs):
-            out[dst] = (image[src].astype(np.float32) - self._offset[k]) * self._scale[k]
         if self.modality == "rgb":
-            np.clip(out, 0.0, 1.0, out=out)
+            return torch.from_numpy(self._rgb(image))
+        out = np.full((len(self.channels), *image.shape[1:]), MISSING_FILL, dtype=np.float32)
+        values = [image[src].astype(np.float32) for _, src in self._pairs]
+        if self._optical:
+            values = self._scale_optical(values)
+        for k, (dst, _) in enumerate(self._pairs):
+            out[dst] = (values[k] - self._offset[k]) * self._scale[k]
         return torch.from_numpy(out)
+
+    def _scale_optical(self, values: list[np.ndarray]) -> list[np.ndarray]:
+        """Sentinel-2 R, G, B (DN) into [0, 1], as the spec says, before normalisation."""
+        spec = self.model.spec
+        assert spec is not None
+        optical = [values[k] for k in self._optical]
+        if spec.optical_scale == "max":
+            top = max(float(v.max()) for v in optical)
+            divisor = top if top > 1e-6 else 1.0
+        else:
+            divisor = float(spec.optical_scale)
+        for k in self._optical:
+            values[k] = np.clip(values[k] / divisor, 0.0, 1.0)
+        return values
+
+    def _rgb(self, image: np.ndarray) -> np.ndarray:
+        scale = self.rgb_scale or value_scale(image.dtype)
+        rgb = np.stack([image[i].astype(np.float32) for i in self._src])
+        if rgb.size:
+            self.raw_max = max(self.raw_max, float(rgb.max()))
+        rgb = np.clip(rgb / scale, 0.0, 1.0)
+        if not self.model.uses_spec:
+            normalised = rgb
+        else:
+            spec = self.model.spec
+            assert spec is not None
+            if spec.optical_scale == "max" and rgb.size and rgb.max() > 1e-6:
+                rgb = rgb / rgb.max()
+            normalised = (rgb - self._rgb_mean[:, None, None]) / self._rgb_std[:, None, None]
+        if self.embedding == "rgb":
+            return np.ascontiguousarray(normalised, dtype=np.float32)
+        out = np.full((len(self.channels), *image.shape[1:]), MISSING_FILL, dtype=np.float32)
+        for k, channel in enumerate(self.model.optical_channels):
+            out[channel] = normalised[k]
+        return out
+
+
+def input_warnings(
+    benchmark: str, mapping: InputMapping, images: Iterable[torch.Tensor]
+) -> list[str]:
+    """Why the model inputs ``images`` (made by ``mapping``) look degenerate; [] when they don't.
+
+    Flags a model channel that the benchmark provides but that is nearly constant over the
+    samples or, once normalised, averages more than ``_FAR_MEAN`` stds from 0 (reflectance in
+    [0, 1] normalised with DN statistics), and optical values whose range is far from the
+    product's declared scale (above it, or reaching less than a twentieth of it: a float
+    product read as 8-bit turns black).
+    """
+    stacked = [img.reshape(-1, *img.shape[-3:]) for img in images]
+    if not stacked:
+        return []
+    pixels = torch.cat([s.transpose(0, 1).reshape(s.shape[1], -1) for s in stacked], dim=1)
+    provided = set(range(len(mapping.channels)))
+    if mapping.modality == "ms":
+        provided -= {mapping.channels.index(b) for b in mapping.missing_bands}
+    elif mapping.embedding == "ms":
+        provided = set(mapping.model.optical_channels)
+    problems = []
+    std = pixels.double().std(dim=1)
+    mean = pixels.double().mean(dim=1)
+    normalised = mapping.modality == "ms" or mapping.model.uses_spec
+    for channel in sorted(provided):
+        name = f"{benchmark}: channel {channel} ({mapping.channels[channel]})"
+        if float(std[channel]) < _CONSTANT_STD:
+            problems.append(
+                f"{name} is nearly constant (std {float(std[channel]):.2e}) over the checked "
+                "samples"
+            )
+        if normalised and abs(float(mean[channel])) > _FAR_MEAN:
+            problems.append(
+                f"{name} averages {float(mean[channel]):.1f} after normalisation: its values are "
+                "far from the range the statistics declare (a value-scale mismatch?)"
+            )
+    if mapping.modality == "rgb" and mapping.rgb_scale and math.isfinite(mapping.raw_max):
+        scale, top = mapping.rgb_scale, mapping.raw_max
+        if top > scale * 1.05 or top < scale / 20:
+            effect = "clipped" if top > scale else "nearly black"
+            problems.append(
+                f"{benchmark}: optical values reach {top:g} but the product declares a scale of "
+                f"{scale:g}: the images reach the model {effect}"
+            )
+    return problems

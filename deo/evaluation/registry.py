@@ -26,7 +26,7 @@ from deo.evaluation.datasets import (
     SpaceNet1,
 )
 from deo.evaluation.datasets.base import Task
-from deo.evaluation.inputs import Modality
+from deo.evaluation.inputs import Modality, ModelInput
 
 Group = Literal["optical_segmentation", "ms_segmentation", "change_detection", "classification"]
 Metric = Literal["top1", "F1", "mIoU"]
@@ -45,16 +45,23 @@ class BenchmarkSpec:
     dataset: type[BenchmarkDataset]
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Constructor arguments of ``dataset`` that select this benchmark (e.g. a GEO-Bench task)."""
+    temporal: bool = False
+    """Whether the reader can yield time series (``dates``) for a multi-temporal protocol."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
-    def make(self, root: Path | str, split: str, **kw: Any) -> BenchmarkDataset:
+    def make(
+        self, root: Path | str, split: str, *, model_input: ModelInput | None = None, **kw: Any
+    ) -> BenchmarkDataset:
         """The ``split`` of this benchmark read from ``root``, its own data folder.
 
-        ``kw`` go to the reader (``partition``, ``download``, …) and override ``options``.
+        ``kw`` go to the reader (``partition``, ``download``, …) and override ``options``;
+        ``model_input`` maps its samples for the evaluated model (default: none known).
         """
         dataset = self.dataset(Path(root), split=split, **{**self.options, **kw})
+        if model_input is not None:
+            dataset.mapping = dataset.mapping.for_model(model_input)
         if (dataset.task, dataset.modality) != (self.task, self.modality):
             raise ConfigError(
                 f"{self.name}: reader yields {dataset.task}/{dataset.modality} samples, "
@@ -90,7 +97,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = _by_name(
     _geobench("m-SA-crop-type", "ms_segmentation", "segmentation", "mIoU", "ms", 10),
     _geobench("m-cashew-plant", "ms_segmentation", "segmentation", "mIoU", "ms", 7),
     BenchmarkSpec("Sen1Floods11", "ms_segmentation", "segmentation", "mIoU", "ms", 2, Sen1Floods11),
-    BenchmarkSpec("PASTIS", "ms_segmentation", "segmentation", "mIoU", "ms", 19, PASTIS),
+    BenchmarkSpec(
+        "PASTIS", "ms_segmentation", "segmentation", "mIoU", "ms", 19, PASTIS, temporal=True
+    ),
     BenchmarkSpec("LEVIR-CD", "change_detection", "change", "F1", "rgb", 2, LEVIRCD),
     BenchmarkSpec("OSCD", "change_detection", "change", "F1", "ms", 2, OSCD),
     _geobench("m-bigearthnet", "classification", "multilabel", "F1", "ms", 43),

@@ -6,7 +6,13 @@ the paper's tables. One row per split the protocol reports (``val``, the split t
 rate or epoch was selected on, and ``test``); multi-label benchmarks add ``F1_macro`` rows.
 Extra columns follow (``EXTRA_COLUMNS``): the protocol, the job's status, the k-NN figure of
 linear probes, what was selected, the model channels the benchmark lacks, the benchmark's
-group and modality, and a reason where the status is not ``ok``.
+group and modality, a reason where the status is not ``ok``, the model path the inputs took
+(``embedding``: an optical benchmark goes through ``ms`` for a model without an optical path)
+and how they were normalised (``model`` statistics or the ``benchmark``'s own).
+
+Before the protocol runs, a few test samples are checked for degenerate inputs (a channel
+nearly constant, optical values far from the product's declared scale); each finding is
+logged as a warning naming the benchmark and the channel, and kept in the JSON.
 
 A job whose benchmark data cannot be found still writes its CSV, with status ``missing``, NaN
 values and the reason, so the summary can mark it instead of silently dropping the benchmark.
@@ -33,6 +39,7 @@ from torch.utils.data import Dataset
 
 from deo.errors import ConfigError, DataError
 from deo.evaluation.encoders import LoadedEncoder
+from deo.evaluation.inputs import ModelInput, input_warnings
 from deo.evaluation.protocols import TASK_METRIC, TASK_PROTOCOL, ProtocolConfig, run_protocol
 from deo.evaluation.protocols.common import SPLITS
 
@@ -57,7 +64,11 @@ EXTRA_COLUMNS: tuple[str, ...] = (
     "group",
     "modality",
     "reason",
+    "embedding",
+    "normalisation",
 )
+CHECKED_SAMPLES = 4
+"""Test samples inspected for degenerate inputs before a job runs."""
 REPORTED_SPLITS: tuple[str, ...] = ("val", "test")
 
 
@@ -94,6 +105,8 @@ class ResultRow:
     group: str = ""
     modality: str = ""
     reason: str = ""
+    embedding: str = ""
+    normalisation: str = ""
 
 
 def evaluate(
@@ -114,21 +127,33 @@ def run_job(
     protocol_cfg: ProtocolConfig,
     seed: int,
     out: Path,
+    model_input: ModelInput | None = None,
     **make_kwargs: Any,
 ) -> list[ResultRow]:
     """Read the benchmark's splits from ``root``, evaluate, write ``out`` (CSV) and its JSON.
 
-    A benchmark whose data cannot be opened (not found, not downloadable, unreadable) gives a
-    ``missing`` CSV; a failure after the data opened is a bug or a bad sample and propagates.
+    ``model_input`` says how the model wants its input (default: no input spec known, so the
+    benchmark's statistics, through the optical path when the encoder has one). A benchmark
+    whose data cannot be opened (not found, not downloadable, unreadable) gives a ``missing``
+    CSV; a failure after the data opened is a bug or a bad sample and propagates.
     """
     started = time.perf_counter()
+    if model_input is None:
+        model_input = ModelInput(optical_path="rgb" in encoder.modalities)
+    if getattr(spec, "temporal", False):
+        make_kwargs.setdefault("dates", protocol_cfg.temporal.reader_dates)
+    warnings: list[str] = []
     try:
-        datasets = {split: spec.make(root, split, **make_kwargs) for split in SPLITS}
+        datasets = {
+            split: spec.make(root, split, model_input=model_input, **make_kwargs)
+            for split in SPLITS
+        }
     except (DataError, FileNotFoundError) as err:
         log.warning("%s: data missing, recording the job as missing: %s", spec.name, err)
         rows = missing_rows(spec, encoder, seed, reason=str(err))
         metrics: dict[str, float] = {}
     else:
+        warnings = check_inputs(spec.name, datasets["test"])
         rows, metrics = _evaluate(spec, datasets, encoder, protocol_cfg, seed)
     write_results(rows, out)
     provenance = {
@@ -139,11 +164,27 @@ def run_job(
         "seed": seed,
         "status": rows[0].status,
         "metrics": metrics,
+        "input_warnings": warnings,
+        "input_spec": dataclasses.asdict(model_input.spec) if model_input.spec else None,
         "protocol": dataclasses.asdict(protocol_cfg),
         "seconds": round(time.perf_counter() - started, 3),
     }
     _atomic_write(out.with_suffix(".json"), json.dumps(provenance, indent=2, default=str))
     return rows
+
+
+def check_inputs(name: str, dataset: Dataset, samples: int = CHECKED_SAMPLES) -> list[str]:
+    """Warnings about degenerate model inputs in the first ``samples`` of ``dataset``."""
+    mapping = getattr(dataset, "mapping", None)
+    if mapping is None:
+        return []
+    count = min(samples, len(dataset))  # type: ignore[arg-type]
+    samples = [dataset[i] for i in range(count)]
+    images = [sample[key] for sample in samples for key in ("image", "image1") if key in sample]
+    problems = input_warnings(name, mapping, images)
+    for problem in problems:
+        log.warning("degenerate input: %s", problem)
+    return problems
 
 
 def missing_rows(
@@ -187,14 +228,31 @@ def _evaluate(
             f"but the spec names metric {spec.metric!r}"
         )
     log.info("%s: %s with %s, seed %d", spec.name, TASK_PROTOCOL[spec.task], encoder.name, seed)
+    embedding = getattr(datasets["test"], "embedding", spec.modality)
+    if embedding != spec.modality:
+        log.info(
+            "%s: %s has no %s path; the inputs go through its MS embedding",
+            spec.name,
+            encoder.name,
+            spec.modality,
+        )
     metrics = run_protocol(
-        spec.task, encoder, spec.modality, datasets, spec.num_classes, protocol_cfg, seed
+        spec.task, encoder, embedding, datasets, spec.num_classes, protocol_cfg, seed
     )
     selected = f"lr={metrics['lr']:g}" if "lr" in metrics else f"epoch={int(metrics['epoch'])}"
     missing = ";".join(getattr(datasets["test"], "missing_bands", ()))
+    mapping = getattr(datasets["test"], "mapping", None)
+    normalisation = ""
+    if mapping is not None:
+        normalisation = "model" if mapping.model.uses_spec else "benchmark"
     rows = []
     for split in REPORTED_SPLITS:
-        common = {"selected": selected, "missing_bands": missing}
+        common = {
+            "selected": selected,
+            "missing_bands": missing,
+            "embedding": str(embedding),
+            "normalisation": normalisation,
+        }
         knn = 100 * metrics.get(f"knn_{split}", math.nan)
         rows.append(_row(spec, encoder, seed, split, 100 * metrics[split], knn_value=knn, **common))
         if f"{split}_macro" in metrics:

@@ -343,3 +343,109 @@ def _fmt(value: object) -> str:
 
 def _isnan(value: object) -> bool:
     return isinstance(value, float) and math.isnan(value)
+
+
+# --------------------------------------------------------------------------- ablation
+
+ABLATION_SETS: tuple[tuple[str, str | None], ...] = (
+    ("optical", "rgb"),
+    ("ms", "ms"),
+    ("overall", None),
+)
+"""(column prefix, benchmark modality averaged over; None: every benchmark) of the ablation."""
+PAPER_ABLATION_COLUMNS: tuple[str, ...] = ("row", "optical_avg", "ms_avg", "overall_avg")
+
+
+def read_paper_ablation(path: Path) -> pd.DataFrame:
+    """The paper's ablation table (``config/paper_ablation.csv``): row label and three averages."""
+    frame = pd.read_csv(path)
+    absent = [c for c in PAPER_ABLATION_COLUMNS if c not in frame.columns]
+    if absent:
+        raise ConfigError(
+            f"{path}: the paper's ablation needs columns {list(PAPER_ABLATION_COLUMNS)}"
+        )
+    return frame
+
+
+def ablation_table(
+    jobs: Sequence[Job], runs: Sequence[str], paper: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """One row per ablation run, in ``runs`` order: optical, MS and overall averages.
+
+    An average is the mean over the set's benchmarks of each benchmark's mean over seeds (the
+    test value of its main metric), given only when the run has a value on every benchmark of
+    the set (else NaN, and ``<set>_n`` tells how many it has). ``d_<set>`` is the difference
+    from the previous row. When ``paper`` has as many rows as ``runs``, row i is set beside the
+    paper's row i (its label, averages and differences); otherwise the paper columns are empty.
+    """
+    if not runs:
+        raise ConfigError("evaluate.ablation.runs is empty")
+    mine = [j for j in jobs if j.model in runs]
+    written = _job_rows(mine)
+    results = _main_test_values(written, mine)
+    benchmarks = list(dict.fromkeys(j.benchmark for j in mine))
+    modality = {
+        b: _first_text([written[written["benchmark"] == b]], "modality") for b in benchmarks
+    }
+    unknown = [b for b, m in modality.items() if not m]
+    if unknown:
+        log.warning(
+            "ablation: no modality for %s (no results); they count only in overall", unknown
+        )
+    paired = paper is not None and len(paper) == len(runs)
+    if paper is not None and not paired:
+        log.warning(
+            "ablation: %d runs vs %d rows in the paper's table; not set side by side",
+            len(runs),
+            len(paper),
+        )
+    rows: list[dict[str, object]] = []
+    for i, run in enumerate(runs):
+        per_benchmark = (
+            results[results["model"] == run].groupby("benchmark")["value"].mean().to_dict()
+        )
+        row: dict[str, object] = {"run": run}
+        for prefix, wanted in ABLATION_SETS:
+            members = [b for b in benchmarks if wanted is None or modality[b] == wanted]
+            values = [per_benchmark[b] for b in members if b in per_benchmark]
+            complete = bool(members) and len(values) == len(members)
+            row[f"{prefix}_avg"] = sum(values) / len(values) if complete else math.nan
+            row[f"{prefix}_n"] = f"{len(values)}/{len(members)}"
+        if paired:
+            assert paper is not None
+            source = paper.iloc[i]
+            row["paper_row"] = str(source["row"])
+            for prefix, _ in ABLATION_SETS:
+                row[f"paper_{prefix}_avg"] = float(source[f"{prefix}_avg"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for prefix, _ in ABLATION_SETS:
+        table[f"d_{prefix}"] = table[f"{prefix}_avg"].diff()
+        if paired:
+            table[f"paper_d_{prefix}"] = table[f"paper_{prefix}_avg"].diff()
+    return table
+
+
+def ablation_markdown(table: pd.DataFrame) -> str:
+    """The ablation table in Markdown: ours (with Δ to the row above) beside the paper's."""
+    paired = "paper_row" in table
+    titles = ["run", "optical", "MS", "overall"]
+    if paired:
+        titles += ["paper row", "paper optical", "paper MS", "paper overall"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for _, row in table.iterrows():
+        cells = [str(row["run"])]
+        for prefix, _ in ABLATION_SETS:
+            cells.append(_with_delta(row[f"{prefix}_avg"], row[f"d_{prefix}"], row[f"{prefix}_n"]))
+        if paired:
+            cells.append(str(row["paper_row"]))
+            for prefix, _ in ABLATION_SETS:
+                cells.append(_with_delta(row[f"paper_{prefix}_avg"], row[f"paper_d_{prefix}"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _with_delta(value: float, delta: float, count: str = "") -> str:
+    if _isnan(value):
+        return f"incomplete ({count})" if count else ""
+    return f"{value:.2f}" if _isnan(delta) else f"{value:.2f} ({delta:+.2f})"

@@ -273,7 +273,9 @@ def model_specs():
             raise WorkflowError(
                 "evaluate.models.random needs a train run to copy the shape of"
             )
-        models["random"] = {"kind": "random", "path": f"results/train/{RUNS[0]}/export"}
+        # The floor copies the reference run's architecture (and input spec).
+        shape = EVAL["reference_model"] if EVAL["reference_model"] in RUNS else RUNS[0]
+        models["random"] = {"kind": "random", "path": f"results/train/{shape}/export"}
     for name, external in EVAL["models"]["external"].items():
         if not Path(external["path"]).is_file():
             raise WorkflowError(
@@ -283,13 +285,54 @@ def model_specs():
     return models
 
 
-MODELS = model_specs()
+MAIN_MODELS = model_specs()
+ABLATION = EVAL.get("ablation") or {}
+ABLATION_RUNS = list(ABLATION.get("runs", []))
+ABLATION_BENCHMARKS = list(ABLATION.get("benchmarks", []))
+
+
+def ablation_models():
+    """The ablation's rows: each a trained run's exported student, evaluated on the subset."""
+    unknown = sorted(set(ABLATION_RUNS) - set(RUNS))
+    if unknown:
+        raise WorkflowError(
+            f"evaluate.ablation.runs: {unknown} are not in train.runs {RUNS}"
+        )
+    if ABLATION_RUNS and not ABLATION_BENCHMARKS:
+        raise WorkflowError("evaluate.ablation.runs needs evaluate.ablation.benchmarks")
+    return {
+        run: {"kind": "student", "path": f"results/train/{run}/export"}
+        for run in ABLATION_RUNS
+    }
+
+
+MODELS = {**ablation_models(), **MAIN_MODELS}
 
 
 def expected_jobs():
+    """The main table's jobs: every benchmark × compared model × seed."""
     return [
-        [b, m, s] for b in EVAL["benchmarks"] for m in MODELS for s in EVAL["seeds"]
+        [b, m, s]
+        for b in EVAL["benchmarks"]
+        for m in MAIN_MODELS
+        for s in EVAL["seeds"]
     ]
+
+
+def ablation_jobs():
+    """The ablation table's jobs: the ablation benchmarks × its runs × seeds."""
+    return [
+        [b, r, s]
+        for b in ABLATION_BENCHMARKS
+        for r in ABLATION_RUNS
+        for s in EVAL["seeds"]
+    ]
+
+
+def evaluation_jobs():
+    """Every evaluation job once (a job of both tables is run once)."""
+    jobs = {tuple(job): None for job in expected_jobs() + ablation_jobs()}
+    return [list(job) for job in jobs]
 
 
 def evaluate_inputs(wildcards):
@@ -312,6 +355,7 @@ def evaluate_job(wildcards):
         "seed": int(wildcards.seed),
         "partition": EVAL["partition"],
         "protocol": EVAL.get("protocol", {}),
+        "normalisation": EVAL.get("normalisation", "model"),
     }
     return json.dumps(job, sort_keys=True)
 
@@ -326,7 +370,8 @@ def benchmark_available(name):
 
 
 def unavailable_benchmarks():
-    return [b for b in EVAL["benchmarks"] if not benchmark_available(b)]
+    names = dict.fromkeys(EVAL["benchmarks"] + ABLATION_BENCHMARKS)
+    return [b for b in names if not benchmark_available(b)]
 
 
 def available_results(wildcards):
@@ -336,6 +381,22 @@ def available_results(wildcards):
         for b, m, s in expected_jobs()
         if benchmark_available(b)
     ]
+
+
+def available_ablation_results(wildcards):
+    """Results the ablation table waits for (as ``available_results``)."""
+    return [
+        f"results/evaluate/{b}/{r}/seed{s}.csv"
+        for b, r, s in ablation_jobs()
+        if benchmark_available(b)
+    ]
+
+
+def results_figure_inputs(wildcards):
+    return {
+        "summary": "results/summary.csv",
+        **({"ablation": "results/ablation.csv"} if ABLATION_RUNS else {}),
+    }
 
 
 def runtime_jobs():
@@ -352,16 +413,19 @@ def runtime_jobs():
         ]
         jobs.append(("finalise_teacher_cache", f"finalise_teacher_cache_{variant}"))
     jobs += [(rule, f"{rule}_{run}") for run in RUNS for rule in ("distill", "export")]
-    available = [b for b in EVAL["benchmarks"] if benchmark_available(b)]
+    names = dict.fromkeys(EVAL["benchmarks"] + ABLATION_BENCHMARKS)
+    available = [b for b in names if benchmark_available(b)]
     if any(b.startswith("demo-") for b in available):
         jobs.append(("demo_benchmarks", "demo_benchmarks"))
     jobs += [("prepare_benchmark", f"prepare_{b}") for b in available]
     jobs += [
         ("evaluate", f"evaluate_{b}_{m}_seed{s}")
-        for b, m, s in expected_jobs()
+        for b, m, s in evaluation_jobs()
         if benchmark_available(b)
     ]
     jobs.append(("summarise", "summarise"))
+    if ABLATION_RUNS:
+        jobs.append(("ablation", "ablation"))
     return [(rule, f"results/benchmarks/{name}.tsv") for rule, name in jobs]
 
 
@@ -384,5 +448,7 @@ def all_targets():
         *expand("results/report/features_{run}.png", run=RUNS),
         *expand("results/report/views_{run}.png", run=RUNS),
         "results/summary.csv",
-        *[f"results/evaluate/{b}/{m}/seed{s}.csv" for b, m, s in expected_jobs()],
+        "results/report/results.png",
+        *(["results/ablation.csv"] if ABLATION_RUNS else []),
+        *[f"results/evaluate/{b}/{m}/seed{s}.csv" for b, m, s in evaluation_jobs()],
     ]

@@ -81,3 +81,55 @@ rule summarise:
         " --paper {input.paper} --reference {params.reference} --out-csv {output.csv}"
         " --out-md {output.md} --out-html {output.html}"
         " --unavailable {params.unavailable} 2> {log}"
+
+
+rule ablation:
+    input:
+        results=available_ablation_results,
+        paper="config/paper_ablation.csv",
+    output:
+        csv="results/ablation.csv",
+        md="results/ablation.md",
+        html=report(
+            "results/ablation.html",
+            caption="../report/ablation.rst",
+            category="Results",
+        ),
+    log:
+        "logs/evaluate/ablation.log",
+    benchmark:
+        "results/benchmarks/ablation.tsv"
+    conda:
+        ENV
+    params:
+        expected=json.dumps(ablation_jobs()),
+        runs=ABLATION_RUNS,
+        unavailable=unavailable_benchmarks(),
+    shell:
+        "deo ablation --expected {params.expected:q} --results {input.results}"
+        " --runs {params.runs} --paper {input.paper} --out-csv {output.csv}"
+        " --out-md {output.md} --out-html {output.html}"
+        " --unavailable {params.unavailable} 2> {log}"
+
+
+rule results_figure:
+    input:
+        unpack(results_figure_inputs),
+    output:
+        report(
+            "results/report/results.png",
+            caption="../report/results.rst",
+            category="Results",
+        ),
+    log:
+        "logs/report/results.log",
+    conda:
+        ENV
+    params:
+        models=list(MAIN_MODELS),
+        ablation=lambda wildcards, input: (
+            f"--ablation {input.ablation}" if "ablation" in input.keys() else ""
+        ),
+    shell:
+        "deo plot-results --summary {input.summary} {params.ablation}"
+        " --models {params.models} --out {output} 2> {log}"

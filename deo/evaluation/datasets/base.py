@@ -129,6 +129,11 @@ class BenchmarkDataset(Dataset[dict[str, Tensor]], abc.ABC):
         return self.mapping.modality
 
     @property
+    def embedding(self) -> Modality:
+        """The model path the samples are for (an optical benchmark may go through ``ms``)."""
+        return self.mapping.embedding
+
+    @property
     def missing_bands(self) -> tuple[str, ...]:
         """Model channels this benchmark does not provide (filled with the band mean)."""
         return self.mapping.missing_bands
@@ -183,10 +188,11 @@ class BenchmarkDataset(Dataset[dict[str, Tensor]], abc.ABC):
 
     def _display(self, image: Tensor) -> np.ndarray:
         """An (H, W, 3) view of a model input: R, G, B, stretched to the 2–98th percentile."""
-        if self.modality == "rgb":
-            rgb = image[:3].numpy()
-        else:
-            rgb = image[[2, 1, 0]].numpy()  # B04, B03, B02 among MS_BANDS
+        if image.ndim == 4:  # a time series: show its first date
+            image = image[0]
+        optical = [0, 1, 2] if self.embedding == "rgb" else self.mapping.model.optical_channels
+        rgb = image[list(optical)].numpy()
+        if self.mapping.model.uses_spec or self.embedding == "ms":
             low, high = np.percentile(rgb, (2, 98))
             rgb = (rgb - low) / max(high - low, 1e-6)
         return np.clip(np.moveaxis(rgb, 0, -1), 0, 1)

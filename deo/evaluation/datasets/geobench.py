@@ -37,7 +37,13 @@ from deo.evaluation.datasets.pickle_literals import (
     to_plain,
 )
 from deo.evaluation.download import extract_zip
-from deo.evaluation.inputs import RGB_CHANNELS, BandStats, InputMapping, Modality
+from deo.evaluation.inputs import (
+    RGB_CHANNELS,
+    BandStats,
+    InputMapping,
+    Modality,
+    value_scale,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +98,9 @@ class GeoBench(BenchmarkDataset):
     ``task_name`` selects the archive ``download=True`` fetches from the Hugging Face dataset
     repo; a task not listed there (such as a synthetic demo task) reads the same way but can
     only be read from disk. ``modality`` picks the embedding: ``ms`` for Sentinel-2 tasks,
-    ``rgb`` for aerial and VHR ones (scaled by ``rgb_scale``).
+    ``rgb`` for aerial and VHR ones, divided by the product's value scale: ``rgb_scale`` when
+    given, else read from the task (``band_stats.json``'s maximum of the optical bands and the
+    files' dtype: m-chesapeake-landcover is float32 in [0, 1], other tasks integers to 255).
     """
 
     host = "huggingface.co/datasets/recursix/geo-bench-1.0"
@@ -119,7 +127,7 @@ class GeoBench(BenchmarkDataset):
         *,
         task_name: str,
         modality: Modality = "ms",
-        rgb_scale: float = 255.0,
+        rgb_scale: float | None = None,
     ) -> None:
         self.task_name = task_name
         super().__init__(root, split, partition, download)
@@ -131,8 +139,11 @@ class GeoBench(BenchmarkDataset):
             raise DataError(self._partition_path(), f"empty {_SPLIT_KEYS[split]!r} list")
         with h5py.File(self._sample_path(0), "r") as f:
             keys = _band_keys(list(f.keys()))
-        present = [b for b in (MS_BANDS if modality == "ms" else RGB_CHANNELS) if b in keys]
+            present = [b for b in (MS_BANDS if modality == "ms" else RGB_CHANNELS) if b in keys]
+            dtype = f[keys[present[0]]].dtype if present else np.dtype(np.float32)
         self._read = [keys[b] for b in present]
+        if modality == "rgb" and rgb_scale is None and present:
+            rgb_scale = self._product_scale(dtype, [keys[b] for b in present])
         self.mapping = InputMapping(
             modality,
             present,
@@ -179,6 +190,27 @@ class GeoBench(BenchmarkDataset):
         # file names do not. Pickles are never written, so nothing can unpickle them later.
         extract_zip(self._archive(), self.root, flatten=True, wanted=_not_pickle)
 
+    def _product_scale(self, dtype: np.dtype, keys: Sequence[str]) -> float:
+        """The optical bands' value scale, from their declared maximum and their dtype."""
+        path = self.root / "band_stats.json"
+        entries = self._read_json(path)
+        declared = [entries.get(k, entries.get(_undated(k), {})).get("max") for k in keys]
+        known = [float(m) for m in declared if isinstance(m, int | float)]
+        try:
+            scale = value_scale(dtype, max(known) if known else None)
+        except ValueError as exc:
+            raise DataError(
+                path, f"no value scale for the optical bands {list(keys)}: {exc}"
+            ) from exc
+        log.info(
+            "GEO-Bench %s: %s optical values, declared max %s: scale %g",
+            self.task_name,
+            dtype,
+            max(known) if known else "n/a",
+            scale,
+        )
+        return scale
+
     def _band_stats(self) -> BandStats:
         """``band_stats.json`` re-keyed by canonical band name."""
         path = self.root / "band_stats.json"
@@ -219,6 +251,11 @@ class GeoBench(BenchmarkDataset):
         return attrs
 
 
+def _undated(key: str) -> str:
+    match = _DATED.fullmatch(key)
+    return match["band"] if match else key
+
+
 def _not_pickle(name: str) -> bool:
     return not name.endswith((".pkl", ".pickle"))
 
@@ -248,7 +285,7 @@ class GeoBenchClassification(GeoBench):
         *,
         task_name: str,
         modality: Modality = "ms",
-        rgb_scale: float = 255.0,
+        rgb_scale: float | None = None,
         multilabel: bool = False,
     ) -> None:
         self.multilabel = multilabel

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 from torch import Tensor
 
 from deo.data.fetch import FetchItem
 from deo.evaluation.datasets.base import SPLITS, BenchmarkDataset, low_label_subset
 from deo.evaluation.download import extract_zip
-from deo.evaluation.inputs import RGB_CHANNELS, InputMapping
+from deo.evaluation.inputs import RGB_CHANNELS, InputMapping, value_scale
 
 
 class LEVIRCD(BenchmarkDataset):
@@ -38,7 +39,7 @@ class LEVIRCD(BenchmarkDataset):
         partition: str = "default",
         download: bool = False,
         *,
-        rgb_scale: float = 255.0,
+        rgb_scale: float | None = None,
     ) -> None:
         super().__init__(root, split, partition, download)
         # torchgeo.datasets takes seconds to import: paid only when this benchmark is read.
@@ -48,6 +49,8 @@ class LEVIRCD(BenchmarkDataset):
         ids = [Path(f["image1"]).stem for f in self._source.files]
         chosen = set(low_label_subset(ids, split, partition, salt="LEVIR-CD"))
         self._indices = [i for i, name in enumerate(ids) if name in chosen]
+        if rgb_scale is None and self._source.files:
+            rgb_scale = png_scale(Path(self._source.files[0]["image1"]))
         self.mapping = InputMapping("rgb", RGB_CHANNELS, rgb_scale=rgb_scale, source="LEVIR-CD")
 
     def _missing(self) -> list[str]:
@@ -79,3 +82,11 @@ class LEVIRCD(BenchmarkDataset):
             "image2": self.mapping(pair[1]),
             "mask": sample["mask"][0].long(),
         }
+
+
+def png_scale(path: Path) -> float:
+    """The value scale of an image file, from its pixel type (8-bit PNGs: 255)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return value_scale(np.asarray(image).dtype)

@@ -4,8 +4,12 @@ Layout (PASTIS-R, as torchgeo reads it): ``root/PASTIS-R/metadata.geojson`` (``I
 ``Fold``), ``DATA_S2/S2_<id>.npy`` (T × 10 × 128 × 128 time series, bands B2 … B12 as in
 ``MS_BANDS``), ``ANNOTATIONS/TARGET_<id>.npy`` (semantic classes in channel 0).
 
-The student sees one image, so each time series is reduced to its per-pixel temporal median,
-which suppresses clouds and keeps the season's typical spectrum. Splits are PASTIS's
+With ``dates`` set (the default of the paper table's protocol, as PANGAEA runs it), a sample's
+``image`` is a ``(dates, C, H, W)`` series of that many dates evenly spaced over the year
+(``linspace`` over the available acquisitions, PANGAEA's selection); the protocol encodes each
+date with the frozen encoder and aggregates over time before the decoder. With ``dates=None``
+each series is reduced to its per-pixel temporal median (one image, which suppresses clouds
+and keeps the season's typical spectrum), the simpler option. Splits are PASTIS's
 official folds: 1–3 train, 4 val, 5 test. Class 19 ("void": parcels mostly outside their
 patch) is the ignore index; the other 19 classes (0 background … 18) are scored.
 Normalisation statistics are computed once on (at most ``max_stats_samples`` evenly spaced)
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from deo.data.bands import MS_BANDS
@@ -36,7 +41,8 @@ STATS_FILE = "deo_band_stats.json"
 
 
 class PASTIS(BenchmarkDataset):
-    """PASTIS folds as single MS images (temporal medians) with 19-class masks."""
+    """PASTIS folds as MS time series of ``dates`` dates (or temporal medians) with 19-class
+    masks."""
 
     task = "segmentation"
     host = "zenodo.org/records/5735646 (PASTIS-R, as in torchgeo)"
@@ -57,7 +63,13 @@ class PASTIS(BenchmarkDataset):
         *,
         stats_cache: Path | None = None,
         max_stats_samples: int = 256,
+        dates: int | None = None,
     ) -> None:
+        if dates is not None and dates < 1:
+            raise ValueError(
+                f"PASTIS: dates must be a positive number of dates or None, not {dates}"
+            )
+        self.dates = dates
         super().__init__(root, split, partition, download)
         self._source = self._torchgeo(split)
         ids = [str(i) for i in self._source.idxs]
@@ -105,7 +117,12 @@ class PASTIS(BenchmarkDataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         i = self._indices[index]
-        image = self.mapping(self._median(self._source, i))
+        if self.dates is None:
+            image = self.mapping(self._median(self._source, i))
+        else:
+            series = np.load(self._source.files[i]["s2"])
+            picks = np.linspace(0, len(series) - 1, self.dates).round().astype(int)
+            image = torch.stack([self.mapping(series[t].astype(np.float32)) for t in picks])
         target = np.load(self._source.files[i]["semantic"])[0].astype(np.int64)
         target[target == self.void_class] = IGNORE_INDEX
         return {"image": image, "mask": as_mask(target)}

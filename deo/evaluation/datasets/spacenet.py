@@ -19,7 +19,7 @@ from torch import Tensor
 from deo.data.extract import extract_tar
 from deo.data.fetch import FetchItem
 from deo.evaluation.datasets.base import BenchmarkDataset, hash_split, low_label_subset
-from deo.evaluation.inputs import RGB_CHANNELS, InputMapping
+from deo.evaluation.inputs import RGB_CHANNELS, InputMapping, value_scale
 
 
 class SpaceNet1(BenchmarkDataset):
@@ -41,7 +41,7 @@ class SpaceNet1(BenchmarkDataset):
         partition: str = "default",
         download: bool = False,
         *,
-        rgb_scale: float = 255.0,
+        rgb_scale: float | None = None,
     ) -> None:
         super().__init__(root, split, partition, download)
         # torchgeo.datasets takes seconds to import: paid only when this benchmark is read.
@@ -53,6 +53,8 @@ class SpaceNet1(BenchmarkDataset):
         chosen = low_label_subset(chosen, split, partition, salt="SpaceNet1")
         position = {chip: i for i, chip in enumerate(ids)}
         self._indices = [position[chip] for chip in chosen]
+        if rgb_scale is None and self._source.images:
+            rgb_scale = tif_scale(Path(self._source.images[0]))
         self.mapping = InputMapping("rgb", RGB_CHANNELS, rgb_scale=rgb_scale, source="SpaceNet1")
 
     def _folder(self) -> Path:
@@ -82,3 +84,11 @@ class SpaceNet1(BenchmarkDataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         sample = self._source[self._indices[index]]
         return {"image": self.mapping(sample["image"].numpy()), "mask": sample["mask"].long()}
+
+
+def tif_scale(path: Path) -> float:
+    """The value scale of a GeoTIFF, from its band dtype (SpaceNet 1's 3-band chips: uint8)."""
+    import rasterio
+
+    with rasterio.open(path) as source:
+        return value_scale(source.dtypes[0])

@@ -1,7 +1,8 @@
 """Evaluation protocols: which head is trained on the encoder's features, per kind of task.
 
 - ``classification`` / ``multilabel``: linear probe (+ k-NN) on pooled features (``linear``);
-- ``segmentation``: UPerNet on the four stage maps (``segmentation``);
+- ``segmentation``: UPerNet on the four stage maps (``segmentation``); a time series is
+  encoded date by date and merged over time per stage first (``temporal``);
 - ``change``: the same UPerNet on per-stage |difference| of two dates (``change``).
 
 Each protocol returns a ``dict[str, float]`` whose ``val`` and ``test`` keys hold the task's
@@ -22,6 +23,7 @@ from deo.evaluation.protocols.change import run_change
 from deo.evaluation.protocols.dense import DenseConfig
 from deo.evaluation.protocols.linear import LinearConfig, run_linear
 from deo.evaluation.protocols.segmentation import run_segmentation
+from deo.evaluation.protocols.temporal import TemporalConfig
 from deo.models.student import Modality
 
 Task = Literal["classification", "multilabel", "segmentation", "change"]
@@ -49,6 +51,7 @@ class ProtocolConfig:
     linear: LinearConfig = field(default_factory=LinearConfig)
     segmentation: DenseConfig = field(default_factory=DenseConfig)
     change: DenseConfig = field(default_factory=DenseConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
 
 
 def run_protocol(
@@ -66,7 +69,9 @@ def run_protocol(
         return run_linear(frozen, datasets, task, num_classes, cfg.linear, seed)
     if task == "segmentation":
         features = FeatureEncoder(encoder, modality, trainable=cfg.segmentation.finetune)
-        return run_segmentation(features, datasets, num_classes, cfg.segmentation, seed)
+        return run_segmentation(
+            features, datasets, num_classes, cfg.segmentation, seed, cfg.temporal
+        )
     if task == "change":
         features = FeatureEncoder(encoder, modality, trainable=cfg.change.finetune)
         return run_change(features, datasets, cfg.change, seed)
@@ -80,5 +85,6 @@ __all__ = [
     "LinearConfig",
     "ProtocolConfig",
     "Task",
+    "TemporalConfig",
     "run_protocol",
 ]

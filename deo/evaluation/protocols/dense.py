@@ -6,7 +6,9 @@ rate cut tenfold at 60 % and 90 % of training. After every epoch the validation 
 computed by sliding-window inference; the best epoch's weights are reported on test.
 
 Change detection differs only in what reaches the decoder: the encoder sees both dates and
-the decoder gets, per stage, the absolute difference of the two maps.
+the decoder gets, per stage, the absolute difference of the two maps. A time series
+(``(B, T, C, H, W)`` images, e.g. PASTIS) is encoded date by date and each stage's maps are
+merged over time by a learned module (``temporal``) trained with the decoder.
 """
 
 from __future__ import annotations
@@ -67,11 +69,17 @@ class DenseModel(nn.Module):
     """
 
     def __init__(
-        self, encoder: FeatureEncoder, num_classes: int, cfg: DenseConfig, paired: bool = False
+        self,
+        encoder: FeatureEncoder,
+        num_classes: int,
+        cfg: DenseConfig,
+        paired: bool = False,
+        temporal: nn.ModuleList | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.paired = paired
+        self.temporal = temporal
         self.decoder = UPerNet(encoder.stage_dims, num_classes, cfg.channels, cfg.pool_scales)
 
     def forward(self, *images: Tensor) -> Tensor:
@@ -81,7 +89,18 @@ class DenseModel(nn.Module):
         stride = self.encoder.stride
         pad = (0, (-w) % stride, 0, (-h) % stride)
         x = torch.cat([F.pad(image, pad) for image in images])
-        stages = self.encoder(x).stages
+        if x.ndim == 5:
+            if self.temporal is None:
+                raise ValueError(f"a time series {tuple(x.shape)} needs a temporal aggregation")
+            batch, dates = x.shape[:2]
+            stages = [
+                merge(s.view(batch, dates, *s.shape[1:]))
+                for merge, s in zip(
+                    self.temporal, self.encoder(x.flatten(0, 1)).stages, strict=True
+                )
+            ]
+        else:
+            stages = self.encoder(x).stages
         if self.paired:
             stages = [(a - b).abs() for a, b in (s.chunk(2) for s in stages)]
         logits = self.decoder(stages)
@@ -89,8 +108,11 @@ class DenseModel(nn.Module):
         return logits[..., :h, :w]
 
     def trainable_state(self) -> dict[str, Tensor]:
-        """Copy of what training changes: the decoder, plus the encoder when fine-tuned."""
+        """Copy of what training changes: the decoder (and temporal merge), plus the encoder when
+        fine-tuned."""
         state = self.decoder.state_dict(prefix="decoder.")
+        if self.temporal is not None:
+            state |= self.temporal.state_dict(prefix="temporal.")
         if self.encoder.trainable:
             state |= self.encoder.state_dict(prefix="encoder.")
         return copy.deepcopy(state)
@@ -204,6 +226,8 @@ def fit_dense(
     drop_last = len(crops) % cfg.batch_size == 1 and len(crops) > 1
     loader = make_loader(crops, cfg.batch_size, seed=seed, workers=cfg.workers, drop_last=drop_last)
     params = [*model.decoder.parameters(), *model.encoder.trainable_parameters()]
+    if model.temporal is not None:
+        params += list(model.temporal.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(loader)
     milestones = [int(f * total) for f in _LR_MILESTONES]
