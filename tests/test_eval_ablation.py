@@ -124,7 +124,7 @@ def test_model_without_optical_path_scores_an_optical_benchmark_through_ms(
         GeoBenchClassification, {"task_name": "fake", "modality": "rgb"},
     )  # fmt: skip
     tiny = StudentConfig(
-        arch="swin_tiny_patch4_window7_224", window_size=4, img_size=32, embed_dim=16,
+        arch="swin_t", window_size=4, img_size=32, embed_dim=16,
         depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), drop_path_rate=0.0,
     )  # fmt: skip
     floor = load_encoder("random", name="base", config=tiny, seed=0)

@@ -24,7 +24,7 @@ from deo.models.student import StudentConfig
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(120)]
 
 TINY = StudentConfig(
-    arch="swin_tiny_patch4_window7_224",
+    arch="swin_t",
     window_size=4,
     img_size=32,
     embed_dim=16,
