@@ -156,6 +156,23 @@ def _train(a: argparse.Namespace) -> None:
         publish_run(a.out, a.final_checkpoint, a.final_metrics)
 
 
+def _config(a: argparse.Namespace) -> None:
+    """Print the resolved config as the DAG's jobs see it, with what each run builds."""
+    from snakemake.cli import parse_config
+
+    from deo.describe import describe
+    from deo.workflow import resolve_config
+
+    config = resolve_config(a.configfile, parse_config(a.config), root=a.directory)
+    doc = describe(config, a.run)
+    if a.json:
+        print(json.dumps(doc, indent=2))
+        return
+    import yaml
+
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
+
+
 def _export(a: argparse.Namespace) -> None:
     from deo.train.finish import export_run
 
@@ -383,6 +400,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--final-checkpoint", type=Path, help="where the finished run's checkpoint goes")
     s.add_argument("--final-metrics", type=Path, help="per-step metrics of the finished run, CSV")
     s.add_argument("--teacher-cache", type=Path, help="replay this cache (teacher.mode: cached)")
+
+    s = cmd("config", _config, "the resolved config as the jobs see it, and what it builds")
+    s.add_argument(
+        "--configfile",
+        nargs="+",
+        default=[],
+        help="as Snakemake's: these files, merged in order, replace the embedded default",
+    )
+    s.add_argument("--config", nargs="+", default=[], help="KEY=VALUE overrides, as Snakemake's")
+    s.add_argument("--run", help="describe this train run only")
+    s.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    s.add_argument(
+        "--directory", type=Path, default=Path("."), help="the workflow root (default: here)"
+    )
 
     s = cmd("cache-teacher", _cache_teacher, "one part of the teacher-target cache (resumes)")
     s.add_argument("--teacher", required=True, help="the teacher section (JSON)")
