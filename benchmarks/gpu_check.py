@@ -38,7 +38,7 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import save_file
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -56,6 +56,21 @@ from deo.workflow import resolve_config
 ROOT = Path(__file__).parents[1]
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"bf16": 5e-2, "fp16": 1e-2, "attention": 2e-2}
+
+
+def _cpu_sdpa(q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _cpu_sdpa_backward(grad: Any, q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad, q, k, v)
+
+
+# torch's counter knows the CUDA attention kernels, not the CPU one: the same formulas (shapes).
+CPU_SDPA = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+}
 # Peak dense bf16 tensor-core FLOP/s by device name (vendors' data sheets), first match wins.
 PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12)]
 
@@ -228,7 +243,7 @@ def step_flops(cfg: TrainConfig, teacher: TeacherConfig, batch: int, device: tor
     targets = model.vfm_targets(views.global_rgb) if model.vfm is not None else None
     flops = {}
     for mode, given in (("online", None), ("cached", targets)):
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
             model(views, model.student, targets=given)["loss"].backward()
         flops[mode] = counter.get_total_flops()
         model.zero_grad(set_to_none=True)
@@ -271,7 +286,9 @@ def timing_rows(
                     progress=False,
                     teacher_cache=cache_path,
                 )
-            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().split()]
+            records = [
+                json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            ]
             step_s = statistics.median(r["step_s"] for r in records[a.warmup :])
             memory = records[-1].get("max_memory_mb", records[-1].get("max_rss_mb", 0.0))
             mfu = f"MFU {flops[mode] / step_s / peak:.0%}" if peak else "MFU n/a"
