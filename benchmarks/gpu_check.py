@@ -8,8 +8,8 @@ weights of its architecture (or ``--vfm-weights``), and:
    bf16 and fp16 autocast, and compares every loss term with fp32;
 2. compares the student's and the VFM's outputs with ``attention: xformers`` against
    ``sdpa`` (skipped, with the reason, without xformers, CUDA or the switch in this checkout);
-3. times the real training loop (``deo.train.loop.train``) on a synthetic store at the run's
-   tile size, online vs cached teacher, ``torch.compile`` off vs on: median s/step after
+3. times the real training loop (``deo.train.loop.train``) on a synthetic store at the
+   config's tile size, online vs cached teacher, ``torch.compile`` off vs on: median s/step after
    warm-up, images/s, model FLOPs utilisation (FLOPs of one step, counted once by torch's
    FlopCounterMode, over step time and the GPU's peak dense bf16 FLOP/s) and peak memory.
 
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         teacher = _teacher(parse_teacher(model_keys), a.vfm_weights, root)
         rows += precision_rows(cfg, teacher, a.check_batch, device)
         rows += attention_rows(cfg, teacher, a.check_batch, device)
-        rows += timing_rows(cfg, teacher, caching, a, device, root)
+        tile = config["data"]["harmonise"]["tile_size"]
+        rows += timing_rows(cfg, teacher, caching, tile, a, device, root)
     rows.append(Row("total", "", f"{time.perf_counter() - start:.0f} s", ""))
     print(table(rows, f"{a.run} on {_device_name(device)}"))
     return rows
@@ -254,14 +255,17 @@ def timing_rows(
     cfg: TrainConfig,
     teacher: TeacherConfig,
     caching: dict,
+    tile: int,
     a: argparse.Namespace,
     device: torch.device,
     root: Path,
 ) -> list[Row]:
     """The real loop: median s/step after warm-up, images/s, MFU and peak memory per setting."""
     steps = a.warmup + a.steps
-    store = write_store(root / "store", n=a.batch * steps, tile=cfg.crops.global_size)
-    run = dataclasses.replace(cfg, batch_size=a.batch, workers=a.workers, epochs=max(cfg.epochs, 2))
+    # two batches per epoch: the loop goes round the store as often as the steps need
+    store = write_store(root / "store", n=2 * a.batch, tile=tile)
+    epochs = max(cfg.epochs, steps // 2 + 1)
+    run = dataclasses.replace(cfg, batch_size=a.batch, workers=a.workers, epochs=epochs)
     flops = step_flops(run, teacher, a.batch, device)
     modes = {"online": None}
     if cfg.uses_vfm:
