@@ -179,6 +179,23 @@ def _views(a: argparse.Namespace) -> None:
     dump_views(parse_train(train), a.store, a.table, a.out, a.batches, a.device, cache)
 
 
+def _config(a: argparse.Namespace) -> None:
+    """Print the resolved config as the DAG's jobs see it, with what each run builds."""
+    from snakemake.cli import parse_config
+
+    from deo.describe import describe
+    from deo.workflow import resolve_config
+
+    config = resolve_config(a.configfile, parse_config(a.config), root=a.directory)
+    doc = describe(config, a.run)
+    if a.json:
+        print(json.dumps(doc, indent=2))
+        return
+    import yaml
+
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
+
+
 def _export(a: argparse.Namespace) -> None:
     from deo.train.finish import export_run
 
@@ -440,6 +457,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="folder for batch_NNNN.npz")
     s.add_argument("--batches", type=int, default=1, help="how many batches, from the first")
     s.add_argument("--device", default="cpu", help="where the views are rendered")
+
+    s = cmd("config", _config, "the resolved config as the jobs see it, and what it builds")
+    s.add_argument(
+        "--configfile",
+        nargs="+",
+        default=[],
+        help="as Snakemake's: these files, merged in order, replace the embedded default",
+    )
+    s.add_argument("--config", nargs="+", default=[], help="KEY=VALUE overrides, as Snakemake's")
+    s.add_argument("--run", help="describe this train run only")
+    s.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    s.add_argument(
+        "--directory", type=Path, default=Path("."), help="the workflow root (default: here)"
+    )
 
     s = cmd("cache-teacher", _cache_teacher, "one part of the teacher-target cache (resumes)")
     s.add_argument("--teacher", required=True, help="the teacher section (JSON)")

@@ -2,14 +2,22 @@ import json
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from deo.cache.spec import GlobalViews, split_teacher_section
 from deo.config import digest, to_dict
 from deo.train.config import parse_train, run_config
-from deo.workflow import prefer_beside_python
+from deo.workflow import prefer_beside_python, replace_config, resolve_config
 
-validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+# --configfile files replace the embedded default instead of patching it, so no demo value can
+# leak into config/paper.yaml; `deo config` prints the same resolved, validated dict.
+replace_config(
+    config,
+    resolve_config(
+        workflow.overwrite_configfiles,
+        workflow.config_settings.config,
+        root=workflow.basedir,
+    ),
+)
 
 
 envvars:
