@@ -3,7 +3,8 @@
 The only big test (peak 9.1 GB resident, 125 s of CPU time on 2 cores): everything model-related
 comes from ``config/paper.yaml`` as ``deo config`` resolves it (Swin-B, 2 x 224 + 10 x 96
 crops, the ViT-B/16 DINOv3 VFM); the overrides touch the data side only (batch 2 from a
-6-sample store, so one covariance group; no workers, no compile) and give the VFM random weights of its architecture.
+6-sample store, so one covariance group; no workers, no compile) and give the VFM random
+weights of its architecture.
 """
 
 from __future__ import annotations
