@@ -72,7 +72,7 @@ def test_cls_is_distilled_from_every_view_of_the_rgb_path() -> None:
     # each view on its own through the RGB embedding, the shared stages and the [cls] head
     student_cls = [head(student.backbone(v, "rgb").pooled) for v in batch.global_rgb]
     student_cls += [head(student.backbone(v, "rgb").pooled) for v in batch.local_rgb]
-    vfm_cls = [model.vfm(v).cls for v in batch.global_rgb]
+    vfm_cls = [model.vfm(v, normalised=True).cls for v in batch.global_rgb]
     expected, pairs = cls_pairs_by_loop(student_cls, vfm_cls)
     assert pairs == 2 * (2 + N_LOCAL) - 2
     assert terms["cls"].item() == pytest.approx(expected, abs=1e-6)
@@ -95,10 +95,10 @@ def test_patch_terms_project_the_global_rgb_stage_maps_then_resize() -> None:
         total, count = 0.0, 0
         for view in batch.global_rgb:
             feats = model.student.backbone(view, "rgb")
-            target = getattr(model.vfm(view), name)  # (B, P, D)
+            target = getattr(model.vfm(view, normalised=True), name)  # (B, P, D)
             fmap = getattr(feats, name)  # (B, C, h, w)
             projected = heads[name](fmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            grid = model.vfm(view).grid
+            grid = model.vfm(view, normalised=True).grid
             resized = nn.functional.interpolate(projected, size=grid, mode="bilinear")
             for b in range(BATCH):
                 for row in range(grid[0]):
@@ -116,7 +116,7 @@ def test_without_optical_path_the_ms_views_give_the_cls() -> None:
     head = model.student.distill.heads["cls"]
     student_cls = [head(model.student.backbone(v, "ms").pooled) for v in batch.global_ms]
     student_cls += [head(model.student.backbone(v, "ms").pooled) for v in batch.local_ms]
-    vfm_cls = [model.vfm(v).cls for v in batch.global_rgb]
+    vfm_cls = [model.vfm(v, normalised=True).cls for v in batch.global_rgb]
     expected, _ = cls_pairs_by_loop(student_cls, vfm_cls)
     assert model(batch)["cls"].item() == pytest.approx(expected, abs=1e-6)
 
