@@ -303,6 +303,7 @@ def test_present_file_not_in_manifest_is_recorded(tmp_path):
         "size": 777,
         "sha256": sha(data),
         "url": "http://127.0.0.1:9/never",
+        "mtime_ns": dest.stat().st_mtime_ns,
     }
 
 

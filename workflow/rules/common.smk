@@ -340,7 +340,14 @@ def available_results(wildcards):
 
 def runtime_jobs():
     """(rule, benchmark record) of every job but the plots, so the figure comes last."""
-    data = ["fetch_sentinel", "verify_sentinel", "select_scenes", "extract", "pair"]
+    data = [
+        "preflight",
+        "fetch_sentinel",
+        "verify_sentinel",
+        "select_scenes",
+        "extract",
+        "pair",
+    ]
     data += ["merge", "stats", *(["mirror"] if DATA["mirror"] else [])]
     data += ["fetch_rgb"] if DATA["rgb"]["enabled"] else []
     jobs = [(rule, rule) for rule in data]

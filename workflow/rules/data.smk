@@ -8,14 +8,45 @@ rule mirror:
     conda:
         ENV
     params:
-        data=data_params("mirror", "sentinel"),
+        data=data_params("mirror", "sentinel", "rgb"),
     shell:
         "deo mirror --data {params.data:q} --out {output} 2> {log}"
+
+
+rule preflight:
+    input:
+        mirror_input,
+    output:
+        json="results/data/preflight.json",
+        md="results/data/preflight.md",
+    log:
+        "logs/data/preflight.log",
+    benchmark:
+        "results/benchmarks/preflight.tsv"
+    conda:
+        ENV
+    params:
+        data=data_params(
+            "sentinel",
+            "rgb",
+            "harmonise",
+            "selection",
+            "store",
+            "preflight",
+            "max_reject_fraction",
+        ),
+        sentinel_url=source_url("sentinel"),
+        rgb_url=source_url("rgb"),
+    shell:
+        "deo preflight --data {params.data:q} --sentinel-url {params.sentinel_url:q}"
+        " --rgb-url {params.rgb_url:q} --out-json {output.json} --out-md {output.md}"
+        " > {log} 2>&1"
 
 
 rule fetch_sentinel:
     input:
         mirror_input,
+        preflight="results/data/preflight.json",
     output:
         record="results/data/sentinel_fetch.csv",
     log:
@@ -47,8 +78,9 @@ rule verify_sentinel:
         ENV
     params:
         manifest=f"{SENTINEL_DIR}/manifest.json",
+        rehash="--rehash" if DATA["fetch"].get("rehash") else "",
     shell:
-        "deo verify --manifest {params.manifest} --out {output} 2> {log}"
+        "deo verify --manifest {params.manifest} {params.rehash} --out {output} 2> {log}"
 
 
 rule select_scenes:
@@ -106,7 +138,7 @@ rule fetch_rgb:
         ENV
     threads: 2
     params:
-        data=data_params("fetch"),
+        data=data_params("fetch", "rgb"),
         url=source_url("rgb"),
         dest=RGB_DIR,
     shell:
@@ -128,7 +160,7 @@ rule pair:
     conda:
         ENV
     params:
-        data=data_params("sentinel"),
+        data=data_params("sentinel", "rgb"),
         sentinel_root=SCENES_DIR,
         rgb=rgb_args,
     shell:
