@@ -18,9 +18,9 @@ Stages, each in a fresh process so its peak resident memory is its own:
 - ``merge``: the shard stores into the final store.
 
 The last column extrapolates linearly to 500,000 scenes at the measured rate (harmonise on
-``--workers`` cores; verify to the 77.5 GB archive). Real fMoW-RGB partners are larger than
-these (up to ~16,000 px a side), so harmonise's rate with partners is an upper bound;
-``read_rgb`` decodes them reduced.
+``--workers`` cores; verify and extract, which read the whole archive, to its 77.5 GB). Real
+fMoW-RGB partners are larger than these (up to ~16,000 px a side), so harmonise's rate with
+partners is an upper bound; ``read_rgb`` decodes them reduced.
 
     python benchmarks/bench_data_scale.py               # ~3-4 minutes on 2 cores
     python benchmarks/bench_data_scale.py --scenes 4000 --distinct 192
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             work / "extracted.csv",
             work / "skipped.csv",
         )
-        row("extract", n, sec, rss)
+        row("extract", n, sec, rss, scale=ARCHIVE_GB * 1e3 / mb)
         pairs = work / "pairs.parquet"
         sec, rss, _ = measured(
             stages.pair,
@@ -312,10 +312,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("deo").setLevel(logging.WARNING)
     rows = run(args)
-    print(f"\n{'stage':<34}{'items':>7}{'s':>9}{'items/s':>10}{'peak MB':>9}{'h @500K':>9}")
+    print(f"\n{'stage':<34}{'scenes':>7}{'s':>9}{'scenes/s':>12}{'peak MB':>9}{'h @500K':>9}")
     for r in rows:
         print(
-            f"{r['stage']:<34}{r['items']:>7}{r['seconds']:>9.1f}{r['items_per_s']:>10.1f}"
+            f"{r['stage']:<34}{r['items']:>7}{r['seconds']:>9.2f}{r['items_per_s']:>12.1f}"
             f"{r['peak_rss_mb']:>9.0f}{r['hours_500k']:>9.2f}"
         )
 

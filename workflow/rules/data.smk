@@ -46,7 +46,8 @@ rule preflight:
 rule fetch_sentinel:
     input:
         mirror_input,
-        preflight="results/data/preflight.json",
+        # ancient: a preflight rerun (its checks read harmonise keys) must not refetch
+        preflight=ancient("results/data/preflight.json"),
     output:
         record="results/data/sentinel_fetch.csv",
     log:
