@@ -64,7 +64,12 @@ def _fetch_sentinel(a: argparse.Namespace) -> None:
 def _preflight(a: argparse.Namespace) -> None:
     from deo.data.preflight import preflight
 
-    cfg = data_config(a.data, "sentinel", "rgb", "harmonise", "selection", "preflight")
+    try:
+        settings = json.loads(a.settings)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--settings is not valid JSON: {e}") from e
+    data = json.dumps({**settings, **json.loads(a.data)})
+    cfg = data_config(data, "sentinel", "rgb", "harmonise", "selection", "preflight")
     rgb_url = a.rgb_url if cfg.rgb.enabled else None
     preflight(cfg, a.sentinel_url, rgb_url, a.out_json, a.out_md)
 
@@ -339,6 +344,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = cmd("preflight", _preflight, "check the hosts' formats with ranged reads: go or no-go")
     data_arg(s)
+    s.add_argument(
+        "--settings",
+        default="{}",
+        help="further data sections (JSON) for the estimates: harmonise, selection, store",
+    )
     s.add_argument("--sentinel-url", required=True, help="fMoW-Sentinel base URL")
     s.add_argument("--rgb-url", required=True, help="fMoW-RGB base URL")
     s.add_argument("--out-json", type=Path, required=True)

@@ -316,6 +316,7 @@ def test_float_tiles_hold_dns_and_reflectance_scale_is_refused() -> None:
     ints = np.array([-3, 7, 70000], dtype=np.int32)
     np.testing.assert_array_equal(as_dn(ints, Path("t.tif")), [0, 7, 65535])
     with pytest.raises(
-        DataError, match=r"t\.tif: values within \[0\.01, 0\.9\] look like reflectance"
+        DataError,
+        match=r"t\.tif: float tile on the reflectance scale: values within \[0\.01, 0\.9\]",
     ):
         as_dn(np.array([0.01, 0.9], dtype=np.float32), Path("t.tif"))

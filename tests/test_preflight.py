@@ -202,7 +202,7 @@ def test_float_tiles_on_the_reflectance_scale_are_no_go(serve, hosts, tmp_path) 
     _rewrite_tiles(root, lambda p: (p.astype(np.float32) / 10_000).astype(np.float32))
     report, _ = check(serve, root)
     assert any("sampled tiles rejected by harmonise" in p for p in report.problems)
-    assert any("look like reflectance in [0, 1]" in p for p in report.problems)
+    assert any("float tile on the reflectance scale (" in p for p in report.problems)
     assert report.facts["tiles"]["dtypes"] == {"float32": report.facts["tiles"]["tried"]}
 
 

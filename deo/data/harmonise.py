@@ -168,9 +168,9 @@ def as_dn(data: np.ndarray, path: Path) -> np.ndarray:
         if 0 < top <= FLOAT_REFLECTANCE_MAX:
             raise DataError(
                 path,
-                f"values within [{float(data[finite].min()):.3g}, {top:.3g}] look like "
-                f"reflectance in [0, 1], expected DN (reflectance x 10000); "
-                f"found dtype {data.dtype.name}",
+                f"float tile on the reflectance scale: values within "
+                f"[{float(data[finite].min()):.3g}, {top:.3g}] look like reflectance in [0, 1], "
+                f"expected DN (reflectance x 10000); found dtype {data.dtype.name}",
             )
         data = np.where(finite, np.rint(data), 0)
     return np.clip(data, 0, np.iinfo(np.uint16).max).astype(np.uint16)

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+import numcodecs
 import numpy as np
 import rasterio
 import requests
@@ -469,8 +470,6 @@ def _estimate(
     """Store size and harmonise core-hours at the selection's scale, from the sampled scenes."""
     if not scenes:
         return
-    import numcodecs
-
     codec = numcodecs.Blosc(
         cname="zstd", clevel=cfg.store.clevel, shuffle=numcodecs.Blosc.BITSHUFFLE
     )

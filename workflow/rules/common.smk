@@ -39,6 +39,12 @@ def data_params(*sections):
     return json.dumps({k: DATA[k] for k in sections}, sort_keys=True)
 
 
+# What preflight reads besides the hosts' sections, for its estimates only (see rule preflight).
+PREFLIGHT_SETTINGS = data_params(
+    "harmonise", "selection", "store", "max_reject_fraction"
+)
+
+
 def source_url(kind):
     """Base URL of the Sentinel or RGB host, or of the synthetic mirror standing in for it."""
     if DATA["mirror"]:

@@ -25,22 +25,17 @@ rule preflight:
         "results/benchmarks/preflight.tsv"
     conda:
         ENV
+    # Only the hosts' sections are params: a rerun of preflight would mask reruns downstream of
+    # the download (its output is an ancient() input of fetch_sentinel), so the sections it
+    # reads for its estimates (PREFLIGHT_SETTINGS) do not trigger one.
     params:
-        data=data_params(
-            "sentinel",
-            "rgb",
-            "harmonise",
-            "selection",
-            "store",
-            "preflight",
-            "max_reject_fraction",
-        ),
+        data=data_params("sentinel", "rgb", "preflight"),
         sentinel_url=source_url("sentinel"),
         rgb_url=source_url("rgb"),
     shell:
-        "deo preflight --data {params.data:q} --sentinel-url {params.sentinel_url:q}"
-        " --rgb-url {params.rgb_url:q} --out-json {output.json} --out-md {output.md}"
-        " > {log} 2>&1"
+        "deo preflight --data {params.data:q} --settings {PREFLIGHT_SETTINGS:q}"
+        " --sentinel-url {params.sentinel_url:q} --rgb-url {params.rgb_url:q}"
+        " --out-json {output.json} --out-md {output.md} > {log} 2>&1"
 
 
 rule fetch_sentinel:
