@@ -38,11 +38,19 @@ def data_config(text: str, *required: str) -> DataConfig:
 def _mirror(a: argparse.Namespace) -> None:
     from deo.data.mirror import write_mirror
 
-    cfg = data_config(a.data, "mirror", "sentinel")
+    cfg = data_config(a.data, "mirror", "sentinel", "rgb")
     if cfg.mirror is None:
         raise ConfigError("data.mirror is null: there is no synthetic mirror to write")
     s = cfg.sentinel
-    write_mirror(cfg.mirror, a.out, csvs=s.csvs, archive=s.archive, archive_prefix=s.archive_prefix)
+    write_mirror(
+        cfg.mirror,
+        a.out,
+        csvs=s.csvs,
+        archive=s.archive,
+        archive_prefix=s.archive_prefix,
+        folders=s.folders,
+        rgb_mappings=cfg.rgb.mappings,
+    )
 
 
 def _fetch_sentinel(a: argparse.Namespace) -> None:
@@ -53,10 +61,23 @@ def _fetch_sentinel(a: argparse.Namespace) -> None:
     fetch_files(a.base_url, names, a.dest, a.record, cfg=cfg)
 
 
+def _preflight(a: argparse.Namespace) -> None:
+    from deo.data.preflight import preflight
+
+    try:
+        settings = json.loads(a.settings)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--settings is not valid JSON: {e}") from e
+    data = json.dumps({**settings, **json.loads(a.data)})
+    cfg = data_config(data, "sentinel", "rgb", "harmonise", "selection", "preflight")
+    rgb_url = a.rgb_url if cfg.rgb.enabled else None
+    preflight(cfg, a.sentinel_url, rgb_url, a.out_json, a.out_md)
+
+
 def _verify(a: argparse.Namespace) -> None:
     from deo.data.fetch import verify_manifest
 
-    problems = verify_manifest(a.manifest)
+    problems = verify_manifest(a.manifest, rehash=a.rehash)
     if problems:
         raise DeoError(
             f"{a.manifest}: {len(problems)} file(s) fail verification: " + "; ".join(problems)
@@ -81,14 +102,14 @@ def _extract(a: argparse.Namespace) -> None:
 def _fetch_rgb(a: argparse.Namespace) -> None:
     from deo.data.stages import fetch_partners
 
-    cfg = data_config(a.data, "fetch")
+    cfg = data_config(a.data, "fetch", "rgb")
     fetch_partners(a.selection, a.base_url, a.dest, a.record, cfg=cfg)
 
 
 def _pair(a: argparse.Namespace) -> None:
     from deo.data.stages import pair
 
-    cfg = data_config(a.data, "sentinel")
+    cfg = data_config(a.data, "sentinel", "rgb")
     prefix = cfg.sentinel.archive_prefix
     pair(
         a.selection,
@@ -100,6 +121,7 @@ def _pair(a: argparse.Namespace) -> None:
         a.out,
         a.rejects,
         a.counts,
+        rgb_mappings=cfg.rgb.mappings,
     )
 
 
@@ -381,9 +403,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dest", type=Path, required=True, help="persistent download directory")
     s.add_argument("--record", type=Path, required=True, help="CSV of what was fetched")
 
-    s = cmd("verify", _verify, "re-hash downloaded files against their recorded checksums")
+    s = cmd("preflight", _preflight, "check the hosts' formats with ranged reads: go or no-go")
+    data_arg(s)
+    s.add_argument(
+        "--settings",
+        default="{}",
+        help="further data sections (JSON) for the estimates: harmonise, selection, store",
+    )
+    s.add_argument("--sentinel-url", required=True, help="fMoW-Sentinel base URL")
+    s.add_argument("--rgb-url", required=True, help="fMoW-RGB base URL")
+    s.add_argument("--out-json", type=Path, required=True)
+    s.add_argument("--out-md", type=Path, required=True)
+
+    s = cmd("verify", _verify, "check downloaded files against their recorded checksums")
     s.add_argument("--manifest", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
+    s.add_argument(
+        "--rehash",
+        action="store_true",
+        help="re-hash files whose size and mtime match the manifest too (data.fetch.rehash)",
+    )
 
     s = cmd("select", _select, "choose the scenes to use (seeded) from the split CSVs")
     data_arg(s)

@@ -21,6 +21,7 @@ T = TypeVar("T")
 
 Resampling = Literal["nearest", "bilinear", "cubic", "average", "lanczos"]
 Tiling = Literal["resize", "fixed_gsd"]
+RgbJsonVariant = Literal["object", "id_minus_one_first", "footprint_location", "no_location"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class MirrorConfig:
     size_px: tuple[int, int] = (48, 96)
     rgb_size_px: tuple[int, int] = (192, 320)
     bad_inputs: bool = True
+    size_dist: Literal["uniform", "log_uniform"] = "uniform"
+    s2_dtypes: tuple[Literal["uint16", "float32"], ...] = ("uint16",)
+    rgb_json_variants: tuple[RgbJsonVariant, ...] = ("object",)
+    member_dot_slash: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,14 @@ class SentinelSource:
     csvs: dict[str, str] = field(
         default_factory=lambda: {"train": "train.csv", "val": "val.csv", "test": "test_gt.csv"}
     )
+    folders: dict[str, str] = field(default_factory=lambda: {"test": "test_gt"})
 
 
 @dataclass(frozen=True)
 class RgbSource:
     enabled: bool = True
     url: str = "https://spacenet-dataset.s3.amazonaws.com/Hosted-Datasets/fmow/fmow-rgb/"
+    mappings: dict[str, str] = field(default_factory=lambda: {"test": "test_gt_mapping.json"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class FetchConfig:
     retries: int = 5
     backoff_s: float = 2.0
     timeout_s: float = 60.0
+    rehash: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,8 @@ class HarmoniseConfig:
     rgb_resampling: Resampling = "average"
     rgb_tile_size: int = 256
     coreg_min_score: float = 0.3
+    rgb_max_pixels: int = 300_000_000
+    rgb_gsd_tolerance: float = 0.25
     nodata: int = 0
     max_nodata_fraction: float = 0.5
     shards: int = 64
@@ -93,6 +103,19 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class PreflightConfig:
+    """How much of the hosts ``deo preflight`` reads (ranged) before the big download."""
+
+    archive_bytes: int = 32 << 20
+    members: int = 200
+    scenes: int = 24
+    csv_bytes: int = 1 << 20
+    partners: int = 8
+    partner_bytes: int = 256 << 20
+    min_pair_share: float = 0.5
+
+
+@dataclass(frozen=True)
 class DataConfig:
     mirror: MirrorConfig | None = None
     sentinel: SentinelSource = field(default_factory=SentinelSource)
@@ -101,6 +124,7 @@ class DataConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     harmonise: HarmoniseConfig = field(default_factory=HarmoniseConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
     max_reject_fraction: float = 0.05
 
 

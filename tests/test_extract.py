@@ -211,3 +211,36 @@ def test_write_skipped_csv_round_trips(tmp_path):
         {"member": "../evil", "reason": "'..' path component refused"},
         {"member": 'we,ird"name', "reason": "symlink, refused"},
     ]
+
+
+@pytest.mark.parametrize("lead", ["", "./"])
+def test_members_with_and_without_dot_slash_match_the_same_names(tmp_path, lead):
+    archive = build(
+        tmp_path / "a.tar.gz",
+        [
+            regular(f"{lead}fmow-sentinel/train/a/a_1/a_1_0.tif", b"one"),
+            regular(f"{lead}fmow-sentinel/train/a/a_1/a_1_1.tif", b"two"),
+        ],
+    )
+    report = extract_tar(
+        archive,
+        tmp_path / "out",
+        wanted={"fmow-sentinel/train/a/a_1/a_1_0.tif"}.__contains__,
+        strip_components=1,
+        expect_prefix="fmow-sentinel/",
+    )
+    assert report.extracted == ["fmow-sentinel/train/a/a_1/a_1_0.tif"]
+    assert files_under(tmp_path / "out") == {"train/a/a_1/a_1_0.tif"}
+
+
+def test_wrong_prefix_fails_after_the_first_members_not_at_the_end(tmp_path):
+    """The archive's end is damaged: reading it through would raise 'truncated'; the prefix
+    check must stop first, naming the prefix and what the members look like."""
+    members = [regular(f"./other/train/a/a_{i}/a_{i}_0.tif", b"x" * 600) for i in range(50)]
+    archive = build(tmp_path / "a.tar.gz", members)
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(DataError, match=r"none of the first 8 files lies below .*'fmow-sentinel/'"):
+        extract_tar(archive, tmp_path / "out", expect_prefix="fmow-sentinel/", probe_members=8)
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        extract_tar(archive, tmp_path / "out", expect_prefix="other/", probe_members=8)

@@ -303,6 +303,7 @@ def test_present_file_not_in_manifest_is_recorded(tmp_path):
         "size": 777,
         "sha256": sha(data),
         "url": "http://127.0.0.1:9/never",
+        "mtime_ns": dest.stat().st_mtime_ns,
     }
 
 
@@ -413,3 +414,19 @@ def test_manifest_keys_are_relative_and_writes_atomic(tmp_path):
         "../data/f.bin": {"size": 3, "sha256": "abc", "url": "file:///f"}
     }
     assert os.listdir(tmp_path / "meta") == ["manifest.json"]
+
+
+def test_verify_skips_unchanged_files_unless_asked_to_rehash(tmp_path):
+    file = tmp_path / "archive.bin"
+    file.write_bytes(b"a" * 1000)
+    manifest = Manifest(tmp_path / "manifest.json")
+    manifest.record(file, 1000, sha(b"a" * 1000), "file:///x")
+    recorded = file.stat().st_mtime_ns
+    file.write_bytes(b"b" * 1000)  # same size, different bytes, mtime put back: not re-read
+    os.utime(file, ns=(recorded, recorded))
+    assert verify_manifest(tmp_path / "manifest.json") == []
+    [problem] = verify_manifest(tmp_path / "manifest.json", rehash=True)
+    assert "sha256" in problem and "archive.bin" in problem
+    os.utime(file, ns=(recorded + 10**9, recorded + 10**9))  # touched: re-hashed without asking
+    [problem] = verify_manifest(tmp_path / "manifest.json")
+    assert "sha256" in problem

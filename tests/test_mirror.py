@@ -269,3 +269,165 @@ def test_categories_are_separable_from_the_multispectral_bands(mirror) -> None:
         centroids = {c: x[train & (cats == c)].mean(axis=0) for c in set(cats)}
         correct += min(centroids, key=lambda c: np.linalg.norm(x[i] - centroids[c])) == cats[i]
     assert correct / len(x) >= 0.8
+
+
+# --- real-format cases -----------------------------------------------------------------------
+
+REAL = dataclasses.replace(
+    CFG,
+    categories=("port", "crop_field"),
+    locations_per_category=4,
+    images_per_location=2,
+    ms_only_images_per_location=0,
+    bad_inputs=False,
+    size_px=(10, 600),
+    size_dist="log_uniform",
+    s2_dtypes=("uint16", "float32"),
+    rgb_json_variants=("object", "id_minus_one_first", "footprint_location", "no_location"),
+    member_dot_slash=True,
+)
+MAPPING = {"test": "test_gt_mapping.json"}
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("real")
+    write_mirror(
+        REAL,
+        out,
+        csvs=SOURCE.csvs,
+        archive=SOURCE.archive,
+        archive_prefix=PREFIX,
+        folders={"test": "test_gt"},
+        rgb_mappings=MAPPING,
+    )
+    return out
+
+
+def test_real_layout_dot_members_test_gt_and_mapped_rgb_folders(real) -> None:
+    names = list(archive_members(real))
+    assert names and all(n.startswith("./" + PREFIX) for n in names)
+    folders = {n.removeprefix("./" + PREFIX).split("/")[0] for n in names}
+    assert folders == {"train", "val", "test_gt"}
+    mapping = json.loads((real / "rgb" / MAPPING["test"]).read_text())
+    test_rows = read_rows(real)["test"]
+    assert {f"test_gt/{r['category']}/{r['category']}_{r['location_id']}" for r in test_rows} == {
+        e["input"] for e in mapping
+    }
+    for entry in mapping:
+        secret = entry["output"].split("/")[1]
+        assert re.fullmatch(r"test/\d{7}", entry["output"])
+        jsons = sorted((real / "rgb" / entry["output"]).glob("*_rgb.json"))
+        assert [p.name for p in jsons] == [f"{secret}_{i}_rgb.json" for i in range(2)]
+    assert not (real / "rgb" / "test").joinpath("port").exists()
+
+
+def test_real_sizes_and_dtypes(real) -> None:
+    sizes, dtypes = [], set()
+    for blob in archive_members(real).values():
+        with MemoryFile(blob) as mem, mem.open() as src:
+            sizes += [src.height, src.width]
+            dtypes.add(src.dtypes[0])
+    assert min(sizes) >= 10 and max(sizes) <= 600 and np.median(sizes) < 150
+    assert dtypes == {"uint16", "float32"}
+
+
+def test_float32_tiles_hold_the_same_dns_as_uint16(real, tmp_path) -> None:
+    other = dataclasses.replace(REAL, s2_dtypes=("float32",), member_dot_slash=False)
+    write_mirror(
+        other,
+        tmp_path,
+        csvs=SOURCE.csvs,
+        archive=SOURCE.archive,
+        archive_prefix=PREFIX,
+        folders={"test": "test_gt"},
+    )
+    floats = archive_members(tmp_path)
+    compared = 0
+    for name, blob in archive_members(real).items():
+        with MemoryFile(blob) as mem, mem.open() as src:
+            if src.dtypes[0] != "uint16":
+                continue
+            ints = src.read()
+        with MemoryFile(floats[name.removeprefix("./")]) as mem, mem.open() as src:
+            assert src.dtypes[0] == "float32"
+            np.testing.assert_array_equal(src.read(), ints.astype(np.float32))
+        compared += 1
+    assert compared >= 3
+
+
+def test_real_json_variants_are_each_placed_on_the_ground_sentinel_sees(real, tmp_path) -> None:
+    from deo.config import HarmoniseConfig
+    from deo.data.harmonise import read_rgb, read_s2
+
+    cfg = HarmoniseConfig(tile_size=64, max_nodata_fraction=1.0)  # small scenes: fixed_gsd pads
+    scenes = tmp_path / "scenes"
+    with tarfile.open(real / "sentinel" / SOURCE.archive) as tar:
+        tar.extractall(scenes, filter="data")
+    polygons = {
+        (split, r["category"], r["location_id"], r["image_id"]): r["polygon"]
+        for split, rows in read_rows(real).items()
+        for r in rows
+    }
+    seen = set()
+    for meta_json in sorted((real / "rgb").rglob("*_rgb.json")):
+        meta = json.loads(meta_json.read_text())
+        entries = meta["bounding_boxes"]
+        variant = (
+            "id_minus_one_first"
+            if len(entries) == 2
+            else "no_location"
+            if "raw_location" not in entries[0]
+            else "footprint_location"
+            if "POLYGON" in entries[0]["raw_location"] and _is_footprint(entries[0], meta)
+            else "object"
+        )
+        split = meta_json.relative_to(real / "rgb").parts[0]
+        folder = {"test": "test_gt"}.get(split, split)
+        tif = next((scenes / PREFIX / folder).rglob(_tif_name(meta_json, real)))
+        cat, loc, image = _ids(tif)
+        s2, grid, _ = read_s2(tif, cfg)
+        rgb, info = read_rgb(
+            meta_json.with_suffix(".jpg"), meta_json, grid, cfg, polygons[(split, cat, loc, image)]
+        )
+        expected_box = {"footprint_location": "whole image"}.get(variant)
+        if expected_box:
+            assert info["rgb_box"] == expected_box, meta_json
+        assert info["rgb_gsd_ratio"] == pytest.approx(1.0, abs=0.1)
+        both = (rgb.max(axis=0) > 0) & (s2.max(axis=0) > 0)
+        r = np.corrcoef(
+            rgb.astype(float).mean(axis=0)[both], s2[:3].astype(float).mean(axis=0)[both]
+        )
+        assert r[0, 1] > 0.7, (meta_json, variant, r[0, 1])
+        seen.add(variant)
+    assert seen == set(REAL.rgb_json_variants)
+
+
+def _is_footprint(entry: dict, meta: dict) -> bool:
+    """Whether an entry's polygon is far wider than its box at the image's gsd (a footprint)."""
+    pairs = re.findall(r"(-?\d+\.\d+) (-?\d+\.\d+)", entry["raw_location"])
+    lon, lat = (np.array(v, dtype=float) for v in zip(*pairs, strict=True))
+    width_m = (lon.max() - lon.min()) * 111_320 * math.cos(math.radians(lat.mean()))
+    return width_m / entry["box"][2] > 1.5 * meta["gsd"]
+
+
+def _tif_name(meta_json: Path, real: Path) -> str:
+    """The Sentinel tile's file name of an RGB partner, through the mapping for test."""
+    rel = meta_json.relative_to(real / "rgb").as_posix()
+    stem = meta_json.name.removesuffix("_rgb.json")
+    if rel.startswith("test/"):
+        folder = "/".join(rel.split("/")[:2])
+        entry = next(
+            e
+            for e in json.loads((real / "rgb" / MAPPING["test"]).read_text())
+            if e["output"] == folder
+        )
+        cat_loc = entry["input"].split("/")[2]
+        return f"{cat_loc}_{stem.rsplit('_', 1)[1]}.tif"
+    return stem + ".tif"
+
+
+def _ids(tif: Path) -> tuple[str, str, str]:
+    cat = tif.parent.parent.name
+    loc, image = tif.stem.removeprefix(cat + "_").split("_")
+    return cat, loc, image

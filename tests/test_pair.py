@@ -78,3 +78,29 @@ def test_ms_only_store_needs_no_partners(tmp_path: Path) -> None:
         touch(tmp_path / rel)
     result = pair_scenes(sel, tmp_path, None)
     assert set(result.pairs.pairing) == {"ms_only_configured"} and not result.rejects
+
+
+def test_mapped_test_split_pairs_through_obfuscated_folders(tmp_path: Path) -> None:
+    df = pd.DataFrame(
+        {
+            "split": "test",
+            "category": "port",
+            "location_id": [1, 1, 2],
+            "image_id": [0, 1, 0],
+            "timestamp": "t",
+            "polygon": "p",
+        }
+    )
+    sel = fmow.select_scenes(df, 100, seed=0, folders={"test": "test_gt"})
+    for rel in sel["s2_relpath"]:
+        touch(tmp_path / "s2" / rel)
+    layout = fmow.RgbLayout({"test": {("port", "port_1"): "test/0004242"}})
+    for image_id in (0, 1):
+        for rel in layout.relpaths("test", "port", 1, image_id):
+            touch(tmp_path / "rgb" / rel)
+    result = pair_scenes(sel, tmp_path / "s2", tmp_path / "rgb", layout=layout)
+    p = result.pairs.set_index(["location_id", "image_id"])
+    assert p.loc[(1, 0), "pairing"] == "paired" and p.loc[(2, 0), "pairing"] == "partner_unmapped"
+    assert p.loc[(1, 1), "rgb_jpg"].endswith("test/0004242/0004242_1_rgb.jpg")
+    assert p.loc[(1, 0), "s2_path"].endswith("test_gt/port/port_1/port_1_0.tif")
+    assert not result.rejects and result.counts == {"paired": 2, "partner_unmapped": 1}

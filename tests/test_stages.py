@@ -37,7 +37,13 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mirror = root / "mirror"
     assert isinstance(CFG.mirror, MirrorConfig)
     write_mirror(
-        CFG.mirror, mirror, csvs=s.csvs, archive=s.archive, archive_prefix=s.archive_prefix
+        CFG.mirror,
+        mirror,
+        csvs=s.csvs,
+        archive=s.archive,
+        archive_prefix=s.archive_prefix,
+        folders=s.folders,
+        rgb_mappings=CFG.rgb.mappings,
     )
     dl = root / "downloads"
     stages.fetch_files(
@@ -74,6 +80,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root / "pairs.parquet",
         root / "pair_rejects.csv",
         root / "pair_counts.json",
+        rgb_mappings=CFG.rgb.mappings,
     )
     return root / "pairs.parquet"
 

@@ -143,34 +143,83 @@ def _extract_member(
     report.extracted.append(member.name)
 
 
+def member_name(name: str) -> str:
+    """A member's name without leading ``./`` (GNU tar run as ``tar -czf x.tar.gz .`` adds it)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+class _PrefixProbe:
+    """Fails fast when none of the first ``n`` files lies below the expected prefix.
+
+    Streaming a 77.5 GB archive with a wrong ``archive_prefix`` would otherwise extract nothing
+    and say so only at the end.
+    """
+
+    def __init__(self, archive: Path, prefix: str | None, n: int) -> None:
+        self.archive, self.prefix, self.n = archive, prefix, n
+        self.seen: list[str] = []
+        self.matched = not prefix
+
+    def check(self, name: str) -> None:
+        if self.matched:
+            return
+        if name.startswith(self.prefix):
+            self.matched = True
+            return
+        self.seen.append(name)
+        if len(self.seen) >= self.n:
+            raise DataError(
+                self.archive,
+                f"none of the first {self.n} files lies below data.sentinel.archive_prefix "
+                f"{self.prefix!r} (first: {self.seen[:3]}); fix the prefix",
+            )
+
+
 def extract_tar(
     archive: Path,
     dest: Path,
     *,
     wanted: Callable[[str], bool] | None = None,
     strip_components: int = 0,
+    expect_prefix: str | None = None,
+    probe_members: int = 64,
 ) -> ExtractReport:
     """Extract the regular files of ``archive`` that ``wanted`` accepts into ``dest``.
 
-    ``wanted`` sees the member name as stored in the archive; directories are created as
-    needed rather than extracted. Files already present with the member's size are kept, so an
-    interrupted run can simply be repeated. Raises DataError on a corrupt or truncated archive,
-    after keeping every member completed before the damage.
+    ``wanted`` sees the member name without a leading ``./`` (see :func:`member_name`), so
+    archives written either way match; the report lists names the same way. Directories are
+    created as needed rather than extracted. Files already present with the member's size are
+    kept, so an interrupted run can simply be repeated. Raises DataError on a corrupt or
+    truncated archive, after keeping every member completed before the damage, and as soon as
+    ``probe_members`` files have passed without one below ``expect_prefix``.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     root = Path(os.path.realpath(dest))
     report = ExtractReport()
+    probe = _PrefixProbe(archive, expect_prefix, probe_members)
     try:
         with _open_stream(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                if member.isdir() or (wanted is not None and not wanted(member.name)):
+                if member.isdir():
+                    continue
+                member.name = member_name(member.name)
+                probe.check(member.name)
+                if wanted is not None and not wanted(member.name):
                     continue
                 _extract_member(tar, member, root, strip_components, report)
             while stream.read(_COPY_BLOCK):  # read to the end so the checksum gets verified
                 pass
     except _CORRUPTION as exc:
         raise DataError(archive, f"corrupt or truncated archive: {exc}") from exc
+    if not probe.matched and probe.seen:
+        raise DataError(
+            archive,
+            f"no file lies below data.sentinel.archive_prefix {expect_prefix!r} "
+            f"(first: {probe.seen[:3]}); fix the prefix",
+        )
     report.log_summary(archive, dest)
     return report
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
@@ -66,6 +66,7 @@ class ManifestEntry(TypedDict):
     size: int
     sha256: str
     url: str
+    mtime_ns: NotRequired[int]  # when the hash was taken: an unchanged file need not be re-read
 
 
 class Manifest:
@@ -109,8 +110,11 @@ class Manifest:
 
     def record(self, file: Path, size: int, sha256: str, url: str) -> None:
         """Remember ``file`` and save at once, so an interrupted run keeps what it finished."""
+        entry: ManifestEntry = {"size": size, "sha256": sha256, "url": url}
+        if Path(file).is_file():  # the hash is of the file as it is now: remember when that was
+            entry["mtime_ns"] = Path(file).stat().st_mtime_ns
         with self._lock:
-            self._entries[self.key(file)] = {"size": size, "sha256": sha256, "url": url}
+            self._entries[self.key(file)] = entry
             self._write()
 
     def save(self) -> None:
@@ -132,16 +136,23 @@ class Manifest:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def verify(self, file: Path) -> str | None:
-        """Why ``file`` does not match its record, or None when size and sha256 agree."""
+    def verify(self, file: Path, rehash: bool = False) -> str | None:
+        """Why ``file`` does not match its record, or None when size and sha256 agree.
+
+        A file whose size and modification time both equal the recorded ones is not re-read
+        (hashing the 77.5 GB archive takes minutes) unless ``rehash`` is set.
+        """
         entry = self.get(file)
         if entry is None:
             return f"{file}: not recorded in manifest {self.path}"
         if not Path(file).is_file():
             return f"{file}: missing (recorded in manifest {self.path})"
-        size = Path(file).stat().st_size
+        stat = Path(file).stat()
+        size = stat.st_size
         if size != entry["size"]:
             return f"{file}: size {size} differs from manifest {self.path} ({entry['size']})"
+        if not rehash and entry.get("mtime_ns") == stat.st_mtime_ns:
+            return None
         digest = sha256_file(Path(file))
         if digest != entry["sha256"]:
             return f"{file}: sha256 {digest} differs from manifest {self.path} ({entry['sha256']})"
@@ -524,13 +535,19 @@ def fetch_all(
     return results
 
 
-def verify_manifest(manifest: Path, paths: Sequence[Path] | None = None) -> list[str]:
-    """Problems with ``paths`` (default: every recorded file) against ``manifest``; [] if fine."""
+def verify_manifest(
+    manifest: Path, paths: Sequence[Path] | None = None, *, rehash: bool = False
+) -> list[str]:
+    """Problems with ``paths`` (default: every recorded file) against ``manifest``; [] if fine.
+
+    ``rehash`` re-reads files whose size and modification time match their record too.
+    """
     if not Path(manifest).exists():
         return [f"{manifest}: manifest does not exist"]
     book = Manifest(manifest)
     targets = book.paths() if paths is None else paths
-    return [problem for problem in map(book.verify, targets) if problem is not None]
+    problems = (book.verify(path, rehash=rehash) for path in targets)
+    return [problem for problem in problems if problem is not None]
 
 
 def require_ok(results: Sequence[FetchResult]) -> None:

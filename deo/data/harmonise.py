@@ -28,12 +28,12 @@ Sentinel-2 (:func:`read_s2`)
 fMoW-RGB (:func:`read_rgb`)
     The partner's metadata do not include a geotransform. Two ways to place it, in order:
 
-    1. ``gcp-affine``: the first bounding box is the pixel envelope of the object's lon/lat
-       polygon (``raw_location`` in the JSON, else the CSV polygon). The four box corners and
-       the four corners of the polygon's lon/lat envelope (top-left ↔ west/north, …) are
-       ground control points; their lon/lat is transformed into the grid CRS and the
-       pixel → grid affine is fitted by least squares. This recovers scale, offset and the
-       small rotation between the image and the UTM grid.
+    1. ``gcp-affine``: a bounding box is the pixel envelope of a lon/lat polygon
+       (``raw_location`` in the JSON, or the CSV's object polygon). The four box corners and
+       the four corners of the polygon's envelope are ground control points for a
+       least-squares pixel → grid affine; of all box/polygon pairings the one whose pixel size
+       agrees with the JSON ``gsd`` is used, and none agreeing rejects the partner
+       (:func:`deo.data.placement.place_image`).
     2. ``gsd-centred``: when there is no polygon or the box is degenerate, the image is placed
        north-up with the JSON ``gsd`` as its pixel size, centred on the grid centre.
 
@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,20 +58,19 @@ import numpy as np
 import rasterio
 import rasterio.errors
 from affine import Affine
-from PIL import Image
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform
 
 from deo.config import HarmoniseConfig
 from deo.data.bands import BY_NAME, MS_BANDS, SENTINEL2_BANDS, file_index
+from deo.data.placement import place_image, read_jpeg
 from deo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 WGS84 = CRS.from_epsg(4326)
 RGB_REQUIRED_KEYS: tuple[str, ...] = ("gsd", "img_width", "img_height", "bounding_boxes")
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 
 
 @dataclass(frozen=True)
@@ -182,9 +180,10 @@ def _read_ms_bands(path: Path) -> tuple[np.ndarray, CRS, Affine]:
             if src.count != len(SENTINEL2_BANDS):
                 raise DataError(path, f"expected 13 bands (B01..B12), found {src.count}")
             dtypes = sorted(set(src.dtypes))
-            if not all(np.issubdtype(np.dtype(d), np.integer) for d in dtypes):
+            if not all(np.dtype(d).kind in "uif" for d in dtypes):
                 raise DataError(
-                    path, f"expected integer reflectance (uint16), found dtype {', '.join(dtypes)}"
+                    path,
+                    f"expected uint16 or float32 reflectance DN, found dtype {', '.join(dtypes)}",
                 )
             if src.crs is None:
                 raise DataError(path, "GeoTIFF has no CRS")
@@ -193,9 +192,33 @@ def _read_ms_bands(path: Path) -> tuple[np.ndarray, CRS, Affine]:
     except rasterio.errors.RasterioError as e:
         cause = f" ({e.__cause__})" if e.__cause__ else ""
         raise DataError(path, f"truncated or corrupt GeoTIFF: {e}{cause}") from e
-    if data.dtype != np.uint16:
-        data = np.clip(data, 0, np.iinfo(np.uint16).max).astype(np.uint16)
-    return data, crs, affine
+    return as_dn(data, path), crs, affine
+
+
+FLOAT_REFLECTANCE_MAX = 2.0
+"""A float tile whose values all stay below this holds reflectance, not DN (reflectance × 1e4)."""
+
+
+def as_dn(data: np.ndarray, path: Path) -> np.ndarray:
+    """uint16 DNs from an integer or float tile; refuses float tiles on the reflectance scale.
+
+    The tiles' dtype is documented nowhere public (every public reader casts to float). Float
+    DNs are rounded, non-finite values become 0 (nodata), other integer types are clipped.
+    """
+    if data.dtype == np.uint16:
+        return data
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        top = float(data[finite].max()) if finite.any() else 0.0
+        if 0 < top <= FLOAT_REFLECTANCE_MAX:
+            raise DataError(
+                path,
+                f"float tile on the reflectance scale: values within "
+                f"[{float(data[finite].min()):.3g}, {top:.3g}] look like reflectance in [0, 1], "
+                f"expected DN (reflectance x 10000); found dtype {data.dtype.name}",
+            )
+        data = np.where(finite, np.rint(data), 0)
+    return np.clip(data, 0, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
 def _target_grid(
@@ -318,7 +341,8 @@ def read_rgb(
     meta = _read_rgb_meta(meta_json)
     gsd = float(meta["gsd"])
     tile = grid.resized(cfg.rgb_tile_size)
-    pixels = _read_jpeg(jpg, _decode_scale(gsd, min(tile.transform.a, -tile.transform.e)))
+    scale = _decode_scale(gsd, min(tile.transform.a, -tile.transform.e))
+    pixels = read_jpeg(jpg, scale, cfg.rgb_max_pixels)
     full_h, full_w = int(meta["img_height"]), int(meta["img_width"])
     if (full_w, full_h) != (pixels.full_size[0], pixels.full_size[1]):
         raise DataError(
@@ -326,14 +350,14 @@ def read_rgb(
             f"img_width × img_height {full_w}×{full_h} does not match the JPEG's "
             f"{pixels.full_size[0]}×{pixels.full_size[1]}",
         )
-    placed = _register(meta, meta_json, grid, polygon_wkt)
+    placed = place_image(meta, meta_json, grid.crs, polygon_wkt, cfg.rgb_gsd_tolerance)
     if placed is None:
         log.debug("%s: no usable box/polygon, placing the image by its gsd", meta_json)
         cx, cy = grid.centre
         full_transform = Affine(gsd, 0, cx - full_w * gsd / 2, 0, -gsd, cy + full_h * gsd / 2)
         info: dict[str, Any] = {"rgb_registration": "gsd-centred", "rgb_polygon_source": None}
     else:
-        full_transform, info = placed
+        full_transform, info = placed.transform, dict(placed.info)
     src_transform = full_transform @ Affine.scale(pixels.scale)
     out = np.zeros((3, tile.size, tile.size), dtype=np.uint8)
     reproject(
@@ -395,95 +419,7 @@ def _read_rgb_meta(meta_json: Path) -> dict[str, Any]:
     return meta
 
 
-@dataclass(frozen=True)
-class _Pixels:
-    data: np.ndarray  # uint8 (3, h, w), possibly decoded at reduced scale
-    full_size: tuple[int, int]  # (width, height) of the full-resolution image
-    scale: int  # full-resolution pixels per decoded pixel along each axis
-
-
 def _decode_scale(gsd_src: float, gsd_grid: float) -> int:
     """The largest JPEG DCT reduction (1, 2, 4, 8) keeping pixels at most half a tile pixel."""
     ratio = gsd_grid / (2 * gsd_src)
     return max((s for s in (1, 2, 4, 8) if s <= ratio), default=1)
-
-
-def _read_jpeg(jpg: Path, decode_scale: int) -> _Pixels:
-    """Decode the JPEG fully (truncation shows only on decoding) as uint8 ``(3, h, w)``.
-
-    A DCT-scaled decode of ``s`` gives ceil(W / s) pixels of exactly ``s`` source pixels each
-    (the last one partly outside), so the geometry scales by ``s``, not by W / w.
-    """
-    try:
-        with Image.open(jpg) as im:
-            im.verify()
-        with Image.open(jpg) as im:
-            full_size = im.size
-            scale = 1
-            if decode_scale > 1:
-                drafted = im.draft(
-                    "RGB", (full_size[0] // decode_scale, full_size[1] // decode_scale)
-                )
-                if drafted is not None:
-                    scale = round(full_size[0] / drafted[1][2])
-            data = np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(jpg, f"corrupt or truncated JPEG: {e}") from e
-    return _Pixels(np.ascontiguousarray(data.transpose(2, 0, 1)), full_size, scale)
-
-
-def _register(
-    meta: dict[str, Any], meta_json: Path, grid: TargetGrid, polygon_wkt: str | None
-) -> tuple[Affine, dict[str, Any]] | None:
-    """Fit the full-resolution pixel → grid CRS affine from box/polygon GCPs, or None."""
-    boxes = meta["bounding_boxes"]
-    if not boxes:
-        return None
-    first = boxes[0]
-    if not isinstance(first, dict) or "box" not in first:
-        raise DataError(meta_json, "missing key 'box' in bounding_boxes[0]")
-    try:
-        x, y, w, h = (float(v) for v in first["box"])
-    except (TypeError, ValueError) as e:
-        raise DataError(meta_json, f"bounding_boxes[0].box must be [x, y, w, h]: {e}") from e
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise DataError(meta_json, f"bounding_boxes[0].box has non-finite values {first['box']}")
-    wkt, source = first.get("raw_location"), "json"
-    if not wkt:
-        wkt, source = polygon_wkt, "csv"
-    if not wkt or w < 1 or h < 1:
-        return None
-    lon, lat = _polygon_lonlat(wkt, meta_json)
-    west, east, south, north = lon.min(), lon.max(), lat.min(), lat.max()
-    if east <= west or north <= south:
-        return None
-    pixel = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]])
-    gx, gy = transform(WGS84, grid.crs, [west, east, east, west], [north, north, south, south])
-    design = np.column_stack([pixel, np.ones(4)])
-    ground = np.column_stack([gx, gy])
-    coef, *_ = np.linalg.lstsq(design, ground, rcond=None)
-    rmse = float(np.sqrt(np.mean((design @ coef - ground) ** 2)))
-    fitted = Affine(coef[0, 0], coef[1, 0], coef[2, 0], coef[0, 1], coef[1, 1], coef[2, 1])
-    info = {
-        "rgb_registration": "gcp-affine",
-        "rgb_polygon_source": source,
-        "rgb_gcp_rmse_m": round(rmse, 4),
-    }
-    return fitted, info
-
-
-def _polygon_lonlat(wkt: str, where: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices (lon, lat) of a WKT polygon's outer ring."""
-    if not isinstance(wkt, str):
-        raise DataError(where, f"object polygon must be WKT text, got {type(wkt).__name__}")
-    match = re.match(r"\s*POLYGON\s*\(\s*\(([^()]*)\)", wkt, flags=re.IGNORECASE)
-    if match is None:
-        raise DataError(where, f"object polygon is not a WKT POLYGON: {wkt[:80]!r}")
-    try:
-        pairs = [[float(v) for v in re.findall(_NUMBER, p)] for p in match.group(1).split(",")]
-        ring = np.array(pairs, dtype=np.float64)
-    except ValueError as e:
-        raise DataError(where, f"malformed WKT polygon {wkt[:80]!r}: {e}") from e
-    if ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 3:
-        raise DataError(where, f"malformed WKT polygon {wkt[:80]!r}")
-    return ring[:, 0], ring[:, 1]

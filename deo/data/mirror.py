@@ -30,6 +30,7 @@ and category, so ``train/airport/airport_0`` and ``val/airport/airport_0`` diffe
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -38,7 +39,7 @@ import shutil
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -163,6 +164,8 @@ class Location:
     utm_xy: tuple[float, float]
     half_size_m: tuple[float, float]  # the object's half extent east, north
     envelope: tuple[float, float, float, float]  # the object's (west, east, south, north)
+    folder: str = ""  # the split's folder in the archive when it differs (test -> test_gt)
+    rgb_folder: str = ""  # the obfuscated fMoW-RGB folder of a mapped split ("test/<id>")
 
 
 @dataclass(frozen=True)
@@ -178,39 +181,58 @@ class Scene:
     @property
     def tif_relpath(self) -> str:
         loc = self.location
-        return sentinel_relpath(loc.split, loc.category, loc.location_id, self.image_id)
+        return sentinel_relpath(
+            loc.split, loc.category, loc.location_id, self.image_id, loc.folder or None
+        )
 
     @property
     def rgb_relpaths(self) -> tuple[str, str]:
         loc = self.location
+        if loc.rgb_folder:
+            base = f"{loc.rgb_folder}/{loc.rgb_folder.rsplit('/', 1)[-1]}_{self.image_id}_rgb"
+            return base + ".jpg", base + ".json"
         return rgb_relpaths(loc.split, loc.category, loc.location_id, self.image_id)
 
 
 def write_mirror(
-    cfg: MirrorConfig, out: Path, *, csvs: dict[str, str], archive: str, archive_prefix: str
+    cfg: MirrorConfig,
+    out: Path,
+    *,
+    csvs: dict[str, str],
+    archive: str,
+    archive_prefix: str,
+    folders: Mapping[str, str] | None = None,
+    rgb_mappings: Mapping[str, str] | None = None,
 ) -> MirrorSummary:
     """Write the mirror under ``out`` and return what was written.
 
+    ``folders`` (``data.sentinel.folders``) names a split's archive folder where it differs
+    from the split; a split in ``rgb_mappings`` (``data.rgb.mappings``) gets its fMoW-RGB
+    partners in obfuscated folders and the named mapping file, as fMoW's test split.
     ``out/rgb`` is replaced as a whole, so a rerun never leaves a stale partner where the
     mirror declares one missing.
     """
     if not csvs:
         raise ConfigError("data.sentinel.csvs: the mirror needs at least one split")
-    scenes = _plan(cfg, list(csvs))
+    scenes = _apply_layout(_plan(cfg, list(csvs)), folders or {}, rgb_mappings or {})
     bad = _assign_bad_inputs(scenes, cfg)
     sentinel_dir, rgb_dir = out / "sentinel", out / "rgb"
     sentinel_dir.mkdir(parents=True, exist_ok=True)
     if rgb_dir.exists():
         shutil.rmtree(rgb_dir)
     n_rgb = 0
+    member = ("./" if cfg.member_dot_slash else "") + archive_prefix
     with _tar_writer(sentinel_dir / archive) as add:
-        for scene in scenes:
+        for i, scene in enumerate(scenes):
             kind = bad.get(scene.tif_relpath)
             if kind != "missing_tif":
-                add(archive_prefix + scene.tif_relpath, _geotiff_bytes(scene, cfg.size_px, kind))
+                dtype = cfg.s2_dtypes[i % len(cfg.s2_dtypes)]
+                add(member + scene.tif_relpath, _geotiff_bytes(scene, cfg, kind, dtype))
             if has_rgb_partner(scene.image_id) and kind != "missing_rgb":
-                _write_rgb(scene, rgb_dir, cfg.rgb_size_px, kind)
+                variant = cfg.rgb_json_variants[i % len(cfg.rgb_json_variants)]
+                _write_rgb(scene, rgb_dir, cfg.rgb_size_px, kind, variant)
                 n_rgb += 1
+    _write_rgb_mappings(scenes, rgb_dir, rgb_mappings or {})
     for split, name in csvs.items():
         _write_csv(sentinel_dir / name, [s for s in scenes if s.location.split == split])
     bad_inputs = [_bad_entry(scenes, relpath, kind) for relpath, kind in bad.items()]
@@ -255,6 +277,40 @@ def _plan(cfg: MirrorConfig, splits: list[str]) -> list[Scene]:
                 when = FIRST_DAY + timedelta(days=int(day), seconds=seconds)
                 scenes.append(Scene(loc, image_id, when))
     return scenes
+
+
+def _apply_layout(
+    scenes: list[Scene], folders: Mapping[str, str], rgb_mappings: Mapping[str, str]
+) -> list[Scene]:
+    """Scenes whose split has its own archive folder, or obfuscated fMoW-RGB folders."""
+    out = []
+    for scene in scenes:
+        loc = scene.location
+        rgb_folder = ""
+        if loc.split in rgb_mappings:
+            secret = zlib.crc32(f"{loc.category}_{loc.location_id}".encode()) % 10_000_000
+            rgb_folder = f"{loc.split}/{secret:07d}"
+        loc = dataclasses.replace(loc, folder=folders.get(loc.split, ""), rgb_folder=rgb_folder)
+        out.append(dataclasses.replace(scene, location=loc))
+    return out
+
+
+def _write_rgb_mappings(
+    scenes: list[Scene], rgb_dir: Path, rgb_mappings: Mapping[str, str]
+) -> None:
+    """fMoW's ``<split>_gt_mapping.json``: ground-truth location folder -> obfuscated folder."""
+    for split, name in rgb_mappings.items():
+        seen = {
+            (s.location.category, s.location.location_id): s.location.rgb_folder
+            for s in scenes
+            if s.location.split == split
+        }
+        entries = [
+            {"input": f"{split}_gt/{cat}/{cat}_{loc}", "output": folder}
+            for (cat, loc), folder in sorted(seen.items())
+        ]
+        (rgb_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (rgb_dir / name).write_text(json.dumps(entries, indent=1) + "\n")
 
 
 def _location(seed: int, c: int, j: int, split: str, category: str, location_id: int) -> Location:
@@ -501,9 +557,14 @@ def _greenness(scene: Scene) -> float:
 # --- Sentinel-2 GeoTIFF ------------------------------------------------------------------
 
 
-def _geotiff_bytes(scene: Scene, size_px: tuple[int, int], kind: str | None) -> bytes:
-    """The scene as a GeoTIFF file's bytes, broken as ``kind`` asks for the tif kinds."""
-    pixels, geo = _sentinel_pixels(scene, size_px)
+def _geotiff_bytes(scene: Scene, cfg: MirrorConfig, kind: str | None, dtype: str) -> bytes:
+    """The scene as a GeoTIFF file's bytes, broken as ``kind`` asks for the tif kinds.
+
+    ``dtype`` float32 stores the same DNs as floats (the real tiles' dtype is undocumented).
+    """
+    pixels, geo = _sentinel_pixels(scene, cfg.size_px, cfg.size_dist)
+    if dtype == "float32":
+        pixels = pixels.astype(np.float32)
     names = [b.name for b in SENTINEL2_BANDS]
     if kind == "wrong_band_count":
         keep = [i for i, name in enumerate(names) if name != "B10"]
@@ -530,7 +591,9 @@ def _geotiff_bytes(scene: Scene, size_px: tuple[int, int], kind: str | None) -> 
     return data[: len(data) // 2] if kind == "truncated_tif" else data
 
 
-def _sentinel_pixels(scene: Scene, size_px: tuple[int, int]) -> tuple[np.ndarray, Affine]:
+def _sentinel_pixels(
+    scene: Scene, size_px: tuple[int, int], size_dist: str = "uniform"
+) -> tuple[np.ndarray, Affine]:
     """uint16 (13, h, w) reflectance DNs of the scene and its EPSG:4326 geotransform.
 
     Pixels are ~10 m at the scene's latitude, the scene roughly centred on the location; each
@@ -539,7 +602,11 @@ def _sentinel_pixels(scene: Scene, size_px: tuple[int, int]) -> tuple[np.ndarray
     loc = scene.location
     rng = np.random.default_rng([*scene.seed, 5])
     lo, hi = sorted(size_px)
-    height, width = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+    if size_dist == "log_uniform":  # fMoW-Sentinel: mostly small crops, a few large ones
+        sides = np.exp(rng.uniform(np.log(lo), np.log(hi + 1), size=2))
+        height, width = (min(int(v), hi) for v in sides)
+    else:
+        height, width = (int(v) for v in rng.integers(lo, hi + 1, size=2))
     res_lon = S2_GSD_M / (111_320.0 * np.cos(np.radians(loc.lat)))
     res_lat = S2_GSD_M / 110_574.0
     jx, jy = rng.uniform(-1.5, 1.5, size=2)
@@ -588,11 +655,18 @@ def _ground_affine(
 # --- fMoW-RGB ----------------------------------------------------------------------------
 
 
-def _write_rgb(scene: Scene, rgb_dir: Path, rgb_size_px: tuple[int, int], kind: str | None) -> None:
+def _write_rgb(
+    scene: Scene,
+    rgb_dir: Path,
+    rgb_size_px: tuple[int, int],
+    kind: str | None,
+    variant: str = "object",
+) -> None:
     """The partner JPEG and its fMoW JSON, north-up in the location's UTM zone.
 
     The object sits near the image centre and fits inside it; its box is the pixel envelope of
-    its lon/lat polygon, as in fMoW.
+    its lon/lat polygon, as in fMoW. ``variant`` shapes ``bounding_boxes`` as real files do
+    (:func:`_bounding_boxes`).
     """
     loc = scene.location
     rng = np.random.default_rng([*scene.seed, 6])
@@ -622,15 +696,23 @@ def _write_rgb(scene: Scene, rgb_dir: Path, rgb_size_px: tuple[int, int], kind: 
     bx, by = int(np.floor(cols.min())), int(np.floor(rows.min()))
     box = [bx, by, int(np.ceil(cols.max())) - bx, int(np.ceil(rows.max())) - by]
     jpg_rel, json_rel = scene.rgb_relpaths
+    corners_x = [(-ox) * gsd, (width - ox) * gsd]
+    corners_y = [oy * gsd, (oy - height) * gsd]
+    flon, flat = transform(
+        f"EPSG:{loc.utm_epsg}",
+        "EPSG:4326",
+        [loc.utm_xy[0] + corners_x[i] for i in (0, 1, 1, 0)],
+        [loc.utm_xy[1] + corners_y[i] for i in (0, 0, 1, 1)],
+    )
+    footprint = (min(flon), max(flon), min(flat), max(flat))
+    object_entry = {
+        "box": box,
+        "category": loc.category,
+        "ID": zlib.crc32(jpg_rel.encode()) % 1_000_000,
+        "raw_location": polygon_wkt(loc.envelope),
+    }
     meta = {
-        "bounding_boxes": [
-            {
-                "box": box,
-                "category": loc.category,
-                "ID": zlib.crc32(jpg_rel.encode()) % 1_000_000,
-                "raw_location": polygon_wkt(loc.envelope),
-            }
-        ],
+        "bounding_boxes": _bounding_boxes(variant, object_entry, (width, height), footprint),
         "cloud_cover": int(rng.integers(0, 16)),
         "country_code": loc.country,
         "gsd": gsd,
@@ -665,6 +747,35 @@ def _misregistration(samples: _Samples, kind: str | None, rng: np.random.Generat
         k = MISREGISTER_SCALE  # about the top-left corner, as a box of another extent scales it
         return _Samples((x0, y0), (k * cx, k * cy), (k * rx, k * ry), samples.shape)
     return samples
+
+
+def _bounding_boxes(
+    variant: str,
+    entry: dict,
+    size: tuple[int, int],
+    footprint: tuple[float, float, float, float],
+) -> list[dict]:
+    """fMoW's ``bounding_boxes`` as the releases hold them.
+
+    ``object``: the object's box with its polygon. ``id_minus_one_first``: first an ``ID: -1``
+    entry spanning the whole image with the image's footprint (ssl4rs asserts such an entry
+    leads every v1.2.1 ground-truth JSON), then the object's. ``footprint_location``: the
+    object's box with the *image's* footprint as ``raw_location``. ``no_location``: no
+    ``raw_location`` (the challenge's test JSONs lost their GPS fields).
+    """
+    if variant == "id_minus_one_first":
+        whole = {
+            "box": [0, 0, size[0], size[1]],
+            "category": entry["category"],
+            "ID": -1,
+            "raw_location": polygon_wkt(footprint),
+        }
+        return [whole, entry]
+    if variant == "footprint_location":
+        return [{**entry, "raw_location": polygon_wkt(footprint)}]
+    if variant == "no_location":
+        return [{k: v for k, v in entry.items() if k != "raw_location"}]
+    return [entry]
 
 
 def _utm_zone_name(lon: float, lat: float) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from deo.data.fmow import rgb_relpaths
+from deo.data.fmow import RgbLayout
 from deo.data.rejects import Reject
 
 
@@ -28,13 +28,17 @@ def pair_scenes(
     sentinel_root: Path,
     rgb_root: Path | None,
     failures: dict[str, str] | None = None,
+    layout: RgbLayout | None = None,
 ) -> PairResult:
     """Resolve local files for each selected scene; ``rgb_root=None`` means no optical partners.
 
     ``failures`` maps a local path to why an earlier stage (fetch, extract) could not provide
     it, so an absent file is reported with its real reason rather than as merely absent.
+    ``layout`` says where partners live (fMoW-RGB's test split is in mapped folders); a
+    location its split's mapping does not list has no partner (``partner_unmapped``).
     """
     failures = failures or {}
+    layout = layout or RgbLayout()
     rows, rejects, counts = [], [], Counter()
     for scene in selection.itertuples(index=False):
         s2 = sentinel_root / scene.s2_relpath
@@ -48,11 +52,12 @@ def pair_scenes(
             status = "ms_only_configured"
         elif not scene.has_partner:
             status = "ms_only_by_design"
+        elif (
+            rels := layout.relpaths(scene.split, scene.category, scene.location_id, scene.image_id)
+        ) is None:
+            status = "partner_unmapped"
         else:
-            jpg_rel, meta_rel = rgb_relpaths(
-                scene.split, scene.category, scene.location_id, scene.image_id
-            )
-            jpg, meta = rgb_root / jpg_rel, rgb_root / meta_rel
+            jpg, meta = rgb_root / rels[0], rgb_root / rels[1]
             problems = [(p, _missing_reason(p, failures)) for p in (jpg, meta) if not p.is_file()]
             for path, reason in problems:
                 rejects.append(Reject(str(path), "pair", reason))

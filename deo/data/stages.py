@@ -59,14 +59,22 @@ def fetch_files(
 def fetch_partners(
     selection: Path, base_url: str, dest_dir: Path, record: Path, *, cfg: DataConfig
 ) -> None:
-    """Fetch the fMoW-RGB partners of the selected scenes; a failed file is recorded, not fatal."""
+    """Fetch the fMoW-RGB partners of the selected scenes; a failed file is recorded, not fatal.
+
+    A split's mapping file (``data.rgb.mappings``, fMoW's ``test_gt_mapping.json``) is fetched
+    first, and a failure to get it is fatal: without it that split's partners cannot be named.
+    """
     scenes = pd.read_parquet(selection)
-    items = [
-        FetchItem(base_url + rel, dest_dir / rel)
+    maps = [FetchItem(base_url + name, dest_dir / name) for name in cfg.rgb.mappings.values()]
+    map_results = _fetch(maps, dest_dir, cfg)
+    require_ok(map_results)
+    layout = fmow.RgbLayout.load(dest_dir, cfg.rgb.mappings)
+    wanted = (
+        layout.relpaths(s.split, s.category, s.location_id, s.image_id)
         for s in scenes[scenes["has_partner"]].itertuples()
-        for rel in fmow.rgb_relpaths(s.split, s.category, s.location_id, s.image_id)
-    ]
-    results = _fetch(items, dest_dir, cfg)
+    )
+    items = [FetchItem(base_url + rel, dest_dir / rel) for rels in wanted if rels for rel in rels]
+    results = map_results + _fetch(items, dest_dir, cfg)
     write_fetch_record(results, record)
     failed = [r for r in results if not r.ok]
     log.info("fetched %d partner files, %d failed", len(results) - len(failed), len(failed))
@@ -93,7 +101,7 @@ def select(csv_dir: Path, sentinel: SentinelSource, selection: SelectionConfig, 
         [fmow.read_scene_csv(csv_dir / sentinel.csvs[s], s) for s in selection.splits],
         ignore_index=True,
     )
-    chosen = fmow.select_scenes(scenes, selection.max_samples, selection.seed)
+    chosen = fmow.select_scenes(scenes, selection.max_samples, selection.seed, sentinel.folders)
     out.parent.mkdir(parents=True, exist_ok=True)
     chosen.to_parquet(out, index=False)
     log.info("selected %d of %d scenes from %s", len(chosen), len(scenes), list(selection.splits))
@@ -105,7 +113,11 @@ def extract(
     """Extract only the selected scenes from the (streamed) archive."""
     wanted = {prefix + p for p in pd.read_parquet(selection)["s2_relpath"]}
     report = extract_tar(
-        archive, dest, wanted=wanted.__contains__, strip_components=prefix.count("/")
+        archive,
+        dest,
+        wanted=wanted.__contains__,
+        strip_components=prefix.count("/"),
+        expect_prefix=prefix,
     )
     write_skipped_csv(report, skipped)
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +134,7 @@ def pair(
     out: Path,
     rejects: Path,
     counts: Path,
+    rgb_mappings: dict[str, str] | None = None,
 ) -> None:
     failures = {
         str(sentinel_root / member.removeprefix(prefix)): f"refused by extract: {reason}"
@@ -136,7 +149,8 @@ def pair(
             str(Path(dest)): f"partner download failed: {error}"
             for dest, error in zip(failed["dest"], failed["error"], strict=True)
         }
-    result = pair_scenes(pd.read_parquet(selection), sentinel_root, rgb_root, failures)
+    layout = fmow.RgbLayout.load(rgb_root, rgb_mappings or {}) if rgb_root is not None else None
+    result = pair_scenes(pd.read_parquet(selection), sentinel_root, rgb_root, failures, layout)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.pairs.to_parquet(out, index=False)
     write_rejects(result.rejects, rejects)

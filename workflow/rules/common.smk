@@ -47,6 +47,12 @@ def data_params(*sections):
     return json.dumps({k: DATA[k] for k in sections}, sort_keys=True)
 
 
+# What preflight reads besides the hosts' sections, for its estimates only (see rule preflight).
+PREFLIGHT_SETTINGS = data_params(
+    "harmonise", "selection", "store", "max_reject_fraction"
+)
+
+
 def source_url(kind):
     """Base URL of the Sentinel or RGB host, or of the synthetic mirror standing in for it."""
     if DATA["mirror"]:
@@ -409,7 +415,14 @@ def results_figure_inputs(wildcards):
 
 def runtime_jobs():
     """(rule, benchmark record) of every job but the plots, so the figure comes last."""
-    data = ["fetch_sentinel", "verify_sentinel", "select_scenes", "extract", "pair"]
+    data = [
+        "preflight",
+        "fetch_sentinel",
+        "verify_sentinel",
+        "select_scenes",
+        "extract",
+        "pair",
+    ]
     data += ["merge", "stats", *(["mirror"] if DATA["mirror"] else [])]
     data += ["fetch_rgb"] if DATA["rgb"]["enabled"] else []
     jobs = [(rule, rule) for rule in data]

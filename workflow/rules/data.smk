@@ -8,14 +8,41 @@ rule mirror:
     conda:
         ENV
     params:
-        data=data_params("mirror", "sentinel"),
+        data=data_params("mirror", "sentinel", "rgb"),
     shell:
         "deo mirror --data {params.data:q} --out {output} 2> {log}"
+
+
+rule preflight:
+    input:
+        mirror_input,
+    output:
+        json="results/data/preflight.json",
+        md="results/data/preflight.md",
+    log:
+        "logs/data/preflight.log",
+    benchmark:
+        "results/benchmarks/preflight.tsv"
+    conda:
+        ENV
+    # Only the hosts' sections are params: a rerun of preflight would mask reruns downstream of
+    # the download (its output is an ancient() input of fetch_sentinel), so the sections it
+    # reads for its estimates (PREFLIGHT_SETTINGS) do not trigger one.
+    params:
+        data=data_params("sentinel", "rgb", "preflight"),
+        sentinel_url=source_url("sentinel"),
+        rgb_url=source_url("rgb"),
+    shell:
+        "deo preflight --data {params.data:q} --settings {PREFLIGHT_SETTINGS:q}"
+        " --sentinel-url {params.sentinel_url:q} --rgb-url {params.rgb_url:q}"
+        " --out-json {output.json} --out-md {output.md} > {log} 2>&1"
 
 
 rule fetch_sentinel:
     input:
         mirror_input,
+        # ancient: a preflight rerun (its checks read harmonise keys) must not refetch
+        preflight=ancient("results/data/preflight.json"),
     output:
         record="results/data/sentinel_fetch.csv",
     log:
@@ -47,8 +74,9 @@ rule verify_sentinel:
         ENV
     params:
         manifest=f"{SENTINEL_DIR}/manifest.json",
+        rehash="--rehash" if DATA["fetch"].get("rehash") else "",
     shell:
-        "deo verify --manifest {params.manifest} --out {output} 2> {log}"
+        "deo verify --manifest {params.manifest} {params.rehash} --out {output} 2> {log}"
 
 
 rule select_scenes:
@@ -106,7 +134,7 @@ rule fetch_rgb:
         ENV
     threads: 2
     params:
-        data=data_params("fetch"),
+        data=data_params("fetch", "rgb"),
         url=source_url("rgb"),
         dest=RGB_DIR,
     shell:
@@ -128,7 +156,7 @@ rule pair:
     conda:
         ENV
     params:
-        data=data_params("sentinel"),
+        data=data_params("sentinel", "rgb"),
         sentinel_root=SCENES_DIR,
         rgb=rgb_args,
     shell:
