@@ -360,7 +360,8 @@ def test_real_json_variants_are_each_placed_on_the_ground_sentinel_sees(real, tm
     from deo.config import HarmoniseConfig
     from deo.data.harmonise import read_rgb, read_s2
 
-    cfg = HarmoniseConfig(tile_size=64, max_nodata_fraction=1.0)  # small scenes: fixed_gsd pads
+    # rgb at the tile size, so the partner compares with Sentinel-2 pixel for pixel
+    cfg = HarmoniseConfig(tile_size=64, rgb_tile_size=64, max_nodata_fraction=1.0)
     scenes = tmp_path / "scenes"
     with tarfile.open(real / "sentinel" / SOURCE.archive) as tar:
         tar.extractall(scenes, filter="data")
