@@ -32,13 +32,11 @@ import numcodecs
 import numpy as np
 import rasterio
 import requests
-from affine import Affine
-from rasterio.enums import Resampling
-from rasterio.warp import reproject
 
 from deo.config import DataConfig
 from deo.data import fmow
 from deo.data.bands import MS_BANDS
+from deo.data.coreg import check_partner
 from deo.data.extract import member_name
 from deo.data.harmonise import TargetGrid, read_rgb, read_s2
 from deo.errors import DataError, DeoError
@@ -370,6 +368,7 @@ def _check_partners(
                 report.fail(f"fMoW-RGB mapping {name}: {e.problem}")
     layout = fmow.RgbLayout(mappings)
     found, missing, placed, scores, reasons = 0, [], Counter(), [], Counter()
+    coreg_rejects = 0
     for s in wanted:
         rels = layout.relpaths(s.split, s.category, s.location_id, s.image_id)
         if rels is None:
@@ -401,7 +400,10 @@ def _check_partners(
         s.seconds += time.perf_counter() - start
         s.rgb, s.rgb_bytes = rgb, files[0].stat().st_size
         placed[info.get("rgb_box", info.get("rgb_registration"))] += 1
-        scores.append(coreg_score(s.s2, s.grid, rgb))
+        # the harmonise stage's own pixel check, so the scores are the ones it will apply
+        score, reject = check_partner(s.s2, s.grid, rgb, info, cfg.harmonise, str(files[0]))
+        scores.append(score)
+        coreg_rejects += reject is not None
     finite = [x for x in scores if math.isfinite(x)]
     report.facts["partners"] = {
         "tried": len(wanted),
@@ -410,6 +412,8 @@ def _check_partners(
         "placed_by": dict(placed),
         "rejects": dict(reasons),
         "coreg_score": _quantiles(np.array(finite)) if finite else {},
+        "coreg_min_score": cfg.harmonise.coreg_min_score,
+        "coreg_rejects": coreg_rejects,
     }
     if wanted and found < pf.min_pair_share * len(wanted):
         report.fail(
@@ -430,35 +434,6 @@ def _exists(url: str) -> bool:
     except DataError:
         return False
     return True
-
-
-def coreg_score(s2: np.ndarray, grid: TargetGrid, rgb: np.ndarray) -> float:
-    """Pearson r of aerial vs Sentinel-2 visible luminance on the tile's pixels.
-
-    The aerial tile covers the same footprint as ``grid`` at its own size; it is area-averaged
-    onto ``grid`` first. NaN when fewer than 16 pixels carry both.
-    """
-    size = rgb.shape[-1]
-    left, top = grid.transform.c, grid.transform.f
-    step_x = grid.transform.a * grid.size / size
-    step_y = grid.transform.e * grid.size / size
-    lum = np.zeros((grid.size, grid.size), dtype=np.float32)
-    reproject(
-        rgb.astype(np.float32).mean(axis=0),
-        lum,
-        src_transform=Affine(step_x, 0, left, 0, step_y, top),
-        src_crs=grid.crs,
-        dst_transform=grid.transform,
-        dst_crs=grid.crs,
-        resampling=Resampling.average,
-    )
-    vis = s2[list(VISIBLE)].astype(np.float64).mean(axis=0)
-    both = (lum > 0) & (vis > 0)
-    if both.sum() < 16:
-        return math.nan
-    a, b = lum[both] - lum[both].mean(), vis[both] - vis[both].mean()
-    denom = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b) / denom if denom > 0 else math.nan
 
 
 # --- estimates ---------------------------------------------------------------------------------
