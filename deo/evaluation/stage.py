@@ -139,6 +139,18 @@ def parse_job(text: str) -> EvaluateJob:
     return from_dict(EvaluateJob, json.loads(text), "evaluate job")
 
 
+def _jobs(
+    expected: Sequence[tuple[str, str, int]], csvs: Sequence[Path], unavailable: Sequence[str]
+) -> list:
+    """Every expected job's record; failed jobs of benchmarks without data are "missing"."""
+    return [
+        replace(job, status="missing", reason="benchmark data not available")
+        if job.benchmark in unavailable and job.status == "failed"
+        else job
+        for job in collect_jobs(expected, csvs)
+    ]
+
+
 def summarise_results(
     expected: Sequence[tuple[str, str, int]],
     csvs: Sequence[Path],
@@ -150,12 +162,7 @@ def summarise_results(
     unavailable: Sequence[str] = (),
 ) -> None:
     """The results table: every expected job; those of benchmarks without data are missing."""
-    jobs = [
-        replace(job, status="missing", reason="benchmark data not available")
-        if job.benchmark in unavailable and job.status == "failed"
-        else job
-        for job in collect_jobs(expected, csvs)
-    ]
+    jobs = _jobs(expected, csvs, unavailable)
     table = summarise(jobs, read_paper(paper), reference)
     models = list(dict.fromkeys(model for _, model, _ in expected))
     write_summary(table, models, out_csv, out_md)
@@ -176,12 +183,7 @@ def ablation_results(
     unavailable: Sequence[str] = (),
 ) -> None:
     """The ablation table: one row per run of ``runs``, averages beside the paper's rows."""
-    jobs = [
-        replace(job, status="missing", reason="benchmark data not available")
-        if job.benchmark in unavailable and job.status == "failed"
-        else job
-        for job in collect_jobs(expected, csvs)
-    ]
+    jobs = _jobs(expected, csvs, unavailable)
     table = ablation_table(jobs, runs, read_paper_ablation(paper))
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_csv, index=False, float_format="%.4f")
