@@ -58,6 +58,7 @@ class FetchConfig:
     retries: int = 5
     backoff_s: float = 2.0
     timeout_s: float = 60.0
+    refresh: bool = False
 
 
 @dataclass(frozen=True)

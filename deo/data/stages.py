@@ -79,6 +79,7 @@ def _fetch(items: list[FetchItem], dest_dir: Path, cfg: DataConfig) -> list[Fetc
         retries=f.retries,
         backoff=f.backoff_s,
         timeout=f.timeout_s,
+        refresh=f.refresh,
     )
 
 
