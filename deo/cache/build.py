@@ -129,10 +129,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _read_progress(path: Path) -> dict[str, Any] | None:
     """A part's progress record, or None when it is absent or unreadable."""
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    state = _read_json(path)
     ok = isinstance(state, dict) and {"meta_digest", "blocks"} <= set(state)
     return state if ok else None
 
@@ -300,31 +297,27 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-ASSEMBLED_ATTR = "assembled_from"
-"""The (part group, settings digest) pairs a cache was assembled from: lets a killed ``finalise``
-finish from its assembled ``<out>.tmp`` once the parts are (partly) removed."""
-
-
 def finalise(records: Sequence[Path], out: Path) -> None:
     """Assemble the parts named by ``records`` into the cache ``out``, then remove the parts.
 
     Checks that the parts were built with one record (same store, teacher, views, K) and
     together hold every block exactly once, each listed as written in its progress file.
-    The parts are removed only once ``<out>.tmp`` holds (hard links to) all of them and is
-    marked complete, so a killed run resumes from one or the other.
+    The parts are removed only once ``<out>.tmp`` holds (hard links to) all of them and
+    ``<out>.tmp.json`` says which parts it holds, so a killed run resumes from one or the other.
     """
     out = Path(out)
     parts = [json.loads(Path(r).read_text()) for r in records]
     if not parts:
         raise ValueError("no parts to assemble")
     tmp = out.with_name(out.name + ".tmp")
+    marker = tmp.with_name(tmp.name + ".json")
     sources = [[rec["group"], rec["meta_digest"]] for rec in parts]
-    if _assembled_from(tmp) == sources:
+    if tmp.exists() and _read_json(marker) == {"parts": sources}:
         log.info("finishing the assembly of %s that an interrupted run completed", tmp)
     else:
         _assemble(records, parts, tmp)
-        final = zarr.open_group(tmp, mode="r+", zarr_format=3)
-        final.attrs.update({COMPLETE_ATTR: True, ASSEMBLED_ATTR: sources})
+        zarr.open_group(tmp, mode="r+", zarr_format=3).attrs[COMPLETE_ATTR] = True
+        _write_json(marker, {"parts": sources})
     for rec in parts:
         path = Path(rec["group"])
         path.with_suffix(".json").unlink(missing_ok=True)
@@ -335,6 +328,7 @@ def finalise(records: Sequence[Path], out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    marker.unlink()
     meta = zarr.open_group(out, mode="r", zarr_format=3).attrs[META_ATTR]
     log.info(
         "assembled %s from %d part(s): %d samples x %d views",
@@ -345,13 +339,12 @@ def finalise(records: Sequence[Path], out: Path) -> None:
     )
 
 
-def _assembled_from(tmp: Path) -> Any:
-    """The parts a complete ``tmp`` was assembled from, or None."""
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is absent or unreadable."""
     try:
-        attrs = zarr.open_group(tmp, mode="r", zarr_format=3).attrs
-    except (FileNotFoundError, zarr.errors.BaseZarrError):
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    return attrs.get(ASSEMBLED_ATTR) if attrs.get(COMPLETE_ATTR) is True else None
 
 
 def _assemble(records: Sequence[Path], parts: list[dict[str, Any]], tmp: Path) -> None:
