@@ -35,6 +35,7 @@ import zarr
 from deo.config import DataConfig, from_dict, to_dict
 from deo.data import stages
 from deo.data.store import merge_shards
+from deo.workflow import clear_stale_locks
 
 ROOT = Path(__file__).parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -51,32 +52,34 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
-def _command(*args: str) -> list[str]:
+def _command(configfile: str, *args: str) -> list[str]:
     # targets first: --configfile takes every value after it
-    return [sys.executable, "-m", "snakemake", *TARGETS, "--cores", "2", *args]
+    cmd = [sys.executable, "-m", "snakemake", *TARGETS, "--cores", "2", *args]
+    return [*cmd, "--configfile", configfile]
 
 
-def snakemake(workdir: Path, *args: str) -> str:
+def snakemake(workdir: Path, *args: str, configfile: str = "faults.yaml") -> str:
+    """A plain rerun, as a user types it (profiles/default adds rerun-incomplete)."""
     done = subprocess.run(
-        _command("--configfile", "faults.yaml", *args),
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        env=_env(),
+        _command(configfile, *args), cwd=workdir, capture_output=True, text=True, env=_env()
     )
     if done.returncode != 0:
         pytest.fail(f"snakemake {args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout + done.stderr
 
 
-def interrupt(workdir: Path, job: str, log: str, delay: float, sig: int, configfile: str) -> bool:
-    """Run the DAG in its own process group; ``delay`` s after ``job`` started (its ``log``
-    appeared), send ``sig`` to the whole group. True when that job was still running then."""
+def interrupt(
+    workdir: Path, job: str, delay: float, sig: int, *args: str, configfile: str = "faults.yaml"
+) -> None:
+    """Run the DAG in its own process group and, ``delay`` s after ``job`` started (its log
+    appeared), send ``sig`` to the whole group; fails unless ``job`` was still running then."""
+    log = workdir / JOB_LOGS[job]
+    log.unlink(missing_ok=True)
     benchmark = workdir / f"results/benchmarks/{job}.tsv"
     benchmark.unlink(missing_ok=True)
     with open(workdir / "interrupted.log", "w") as out:
         proc = subprocess.Popen(
-            _command("--configfile", configfile),
+            _command(configfile, *args),
             cwd=workdir,
             env=_env(),
             stdout=out,
@@ -85,18 +88,18 @@ def interrupt(workdir: Path, job: str, log: str, delay: float, sig: int, configf
         )
     try:
         deadline = time.monotonic() + 900
-        while not (workdir / log).exists():
+        while not log.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
                 text = (workdir / "interrupted.log").read_text()[-3000:]
-                pytest.fail(f"the DAG ended before {log} was written:\n{text}")
+                pytest.fail(f"the DAG ended before {job} started:\n{text}")
             time.sleep(0.02)
         time.sleep(delay)
-        running = not (workdir / benchmark).exists()  # Snakemake writes it when the job ends
+        running = not benchmark.exists()  # Snakemake writes it when the job ends
         os.killpg(proc.pid, sig)
         proc.wait(timeout=120)
     finally:
         _wait_group_gone(proc.pid)
-    return running
+    assert running, f"{job} ended within {delay:.1f} s: the interruption missed it"
 
 
 def _wait_group_gone(pgid: int) -> None:
@@ -111,21 +114,27 @@ def _wait_group_gone(pgid: int) -> None:
     os.killpg(pgid, signal.SIGKILL)
 
 
-def copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "Snakefile", dest)
-    for folder in ("workflow", "config", "envs", "profiles"):
-        shutil.copytree(ROOT / folder, dest / folder)
-    cfg = yaml.safe_load((dest / "config/config.yaml").read_text())
+def write_config(workdir: Path, name: str, change=None) -> str:
+    """The embedded default with the teacher cache on (and ``change`` applied), as ``name``."""
+    cfg = yaml.safe_load((workdir / "config/config.yaml").read_text())
     cfg["teacher"]["mode"] = "cached"
-    (dest / "faults.yaml").write_text(yaml.safe_dump(cfg))
-    return dest
+    cfg["data"]["harmonise"]["shards"] = 2
+    cfg["train"]["defaults"]["epochs"] = 2
+    if change is not None:
+        change(cfg)
+    (workdir / name).write_text(yaml.safe_dump(cfg))
+    return name
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted run of the DAG up to training, the yardstick of every case."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("faults") / "reference")
+    workdir = tmp_path_factory.mktemp("faults") / "reference"
+    workdir.mkdir()
+    shutil.copy(ROOT / "Snakefile", workdir)
+    for folder in ("workflow", "config", "envs", "profiles"):
+        shutil.copytree(ROOT / folder, workdir / folder)
+    write_config(workdir, "faults.yaml")
     snakemake(workdir)
     return workdir
 
@@ -135,72 +144,133 @@ def runtime(workdir: Path, job: str) -> float:
     return float(pd.read_csv(workdir / f"results/benchmarks/{job}.tsv", sep="\t")["s"].iloc[0])
 
 
-# What a rerun of each stage needs removed (Snakemake then reruns it and everything below it),
-# and the job whose start and duration place the kill.
-STAGES = {
-    "harmonise": (
-        [
-            "results/data/pretrain.zarr",
-            "results/data/pretrain.parquet",
-            "results/data/rejects.csv",
-            "results/data/counts.json",
-        ],
-        "harmonise_0",
-        "logs/data/harmonise_0.log",
-    ),
-    "merge": (
-        ["results/data/pretrain.zarr", "results/data/pretrain.parquet"],
-        "merge",
-        "logs/data/merge.log",
-    ),
-    "cache_teacher": (
-        [f"results/teacher/{VARIANT}.zarr"],
-        f"cache_teacher_{VARIANT}_0",
-        f"logs/teacher/cache_{VARIANT}_0.log",
-    ),
-    "distill": (
-        ["results/train/deo/checkpoint.pt", "results/train/deo/metrics.csv", "results/train/deo"],
-        "distill_deo",
-        "logs/train/distill_deo.log",
-    ),
+JOB_LOGS = {
+    "harmonise_0": "logs/data/harmonise_0.log",
+    "merge": "logs/data/merge.log",
+    f"cache_teacher_{VARIANT}_0": f"logs/teacher/cache_{VARIANT}_0.log",
+    "distill_deo": "logs/train/distill_deo.log",
 }
+STAGE_JOB = dict(zip(("harmonise", "merge", "cache_teacher", "distill"), JOB_LOGS, strict=True))
+# Removing the merge's store, the cache and the run makes Snakemake redo every stage from
+# harmonise on (harmonise's shards are temporary: gone since the reference merge).
+DOWNSTREAM = (
+    "results/data/pretrain.zarr",
+    "results/data/pretrain.parquet",
+    "results/data/rejects.csv",
+    f"results/teacher/{VARIANT}.zarr",
+    "results/train/deo",
+)
 
 
-def kill_points() -> list[tuple[str, float]]:
-    """(stage, fraction of its reference runtime): seeded, one per stage unless DEO_FAULTS=full."""
-    rng = random.Random(SEED)
-    per_stage = FULL_POINTS if FULL else 1
-    return [
-        (stage, round(rng.uniform(0.15, 0.85), 3)) for stage in STAGES for _ in range(per_stage)
-    ]
+def fresh_copy(reference: Path, dest: Path) -> Path:
+    """The reference run with every stage from harmonise on to do again."""
+    shutil.copytree(reference, dest, symlinks=True)
+    for rel in DOWNSTREAM:
+        path = dest / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return dest
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+def fractions(n: int, salt: str) -> list[float]:
+    """``n`` seeded points inside a job, as fractions of its reference runtime (the end is kept
+    clear, so that a job running a little faster than in the reference is still hit)."""
+    rng = random.Random(f"{SEED}:{salt}")
+    return [round(rng.uniform(0.15, 0.6), 3) for _ in range(n)]
 
 
-@pytest.mark.parametrize(("stage", "fraction"), kill_points())
-def test_kill_9_then_rerun_gives_the_uninterrupted_outputs(
-    reference: Path, tmp_path: Path, stage: str, fraction: float
+def test_a_kill_in_each_stage_then_a_plain_rerun_gives_the_uninterrupted_outputs(
+    reference: Path, tmp_path: Path
 ) -> None:
-    workdir = tmp_path / "run"
-    shutil.copytree(reference, workdir, symlinks=True)
-    removed, job, log = STAGES[stage]
-    shutil.rmtree(workdir / "logs")
-    for path in removed:
-        _remove(workdir / path)
-    delay = fraction * runtime(reference, job)
-    running = interrupt(workdir, job, log, delay, signal.SIGKILL, "faults.yaml")
-    if not running:
-        pytest.fail(f"{job} finished within {delay:.1f} s: the kill point is outside the stage")
+    """One SIGKILL of the whole process group inside each stage in turn, each run picking up
+    what the previous kill left, then a plain rerun to the end."""
+    workdir = fresh_copy(reference, tmp_path / "run")
+    for stage, job in STAGE_JOB.items():
+        (fraction,) = fractions(1, stage)
+        interrupt(workdir, job, fraction * runtime(reference, job), signal.SIGKILL)
 
     out = snakemake(workdir)
 
-    assert "IncompleteFilesException" not in out and "LockException" not in out
+    assert "IncompleteFilesException" not in out
     assert_same_outputs(reference, workdir)
+
+
+FULL_MATRIX = [
+    (stage, fraction) for stage in STAGE_JOB for fraction in fractions(FULL_POINTS, f"full-{stage}")
+]
+
+
+@pytest.mark.skipif(not FULL, reason="the full kill matrix runs with DEO_FAULTS=full")
+@pytest.mark.parametrize(("stage", "fraction"), FULL_MATRIX)
+def test_kill_at_a_point_then_a_plain_rerun_gives_the_uninterrupted_outputs(
+    reference: Path, tmp_path: Path, stage: str, fraction: float
+) -> None:
+    workdir = fresh_copy(reference, tmp_path / "run")
+    job = STAGE_JOB[stage]
+    interrupt(workdir, job, fraction * runtime(reference, job), signal.SIGKILL)
+
+    snakemake(workdir)
+
+    assert_same_outputs(reference, workdir)
+
+
+def test_sigterm_then_a_settings_change_gives_a_clean_store_of_the_new_settings(
+    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workdir = fresh_copy(reference, tmp_path / "run")
+    nearest = {"10": "nearest", "20": "nearest", "60": "nearest"}
+    changed = write_config(
+        workdir, "nearest.yaml", lambda c: c["data"]["harmonise"].update(resampling=nearest)
+    )
+    delay = 0.5 * runtime(reference, "harmonise_0")
+    interrupt(workdir, "harmonise_0", delay, signal.SIGTERM, "--until", "merge")
+    assert list((workdir / "results/data/shards").glob("*.zarr.partial")), "nothing to reuse"
+
+    snakemake(workdir, "--until", "merge", configfile=changed)
+
+    assert "other settings" in (workdir / "logs/data/harmonise_0.log").read_text()
+    monkeypatch.chdir(workdir)
+    clean = clean_store(data_config(workdir, changed), tmp_path / "clean")
+    found = workdir / "results/data"
+    assert_same_group(clean / "pretrain.zarr", found / "pretrain.zarr", skip_attrs=("provenance",))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(clean / "pretrain.parquet"), pd.read_parquet(found / "pretrain.parquet")
+    )
+    assert (clean / "rejects.csv").read_text() == (found / "rejects.csv").read_text()
+
+
+def clean_store(cfg: DataConfig, out: Path) -> Path:
+    """The harmonise and merge stages run uninterrupted in this process, from the pairs table."""
+    data, n = Path("results/data"), cfg.harmonise.shards
+    rejects = [data / "rejects/pair.csv"]
+    for k in range(n):
+        rejects.append(out / f"harmonise_{k}.csv")
+        stages.harmonise_shard(
+            data / "pairs.parquet",
+            k,
+            n,
+            cfg.harmonise,
+            cfg.rgb.enabled,
+            out / f"{k}.zarr",
+            rejects[-1],
+        )
+    stages.merge(
+        [out / f"{k}.zarr" for k in range(n)],
+        rejects,
+        data / "pairs.parquet",
+        cfg,
+        out / "pretrain.zarr",
+        out / "pretrain.parquet",
+        out / "rejects.csv",
+        out / "counts.json",
+    )
+    return out
+
+
+TIMING = ("images_per_s", "step_s", "max_rss_mb")
+"""Columns of metrics.csv that measure the machine, not the training."""
 
 
 def assert_same_outputs(reference: Path, workdir: Path) -> None:
@@ -212,6 +282,7 @@ def assert_same_outputs(reference: Path, workdir: Path) -> None:
     )
     for name in ("rejects.csv", "counts.json", "stats.json"):
         assert (reference / data / name).read_text() == (workdir / data / name).read_text(), name
+    assert not list((workdir / data / "shards").glob("*")), "partial shards left over"
     cache = f"results/teacher/{VARIANT}.zarr"
     assert_same_group(reference / cache, workdir / cache)
     assert not list((workdir / "results/teacher").glob(f"{VARIANT}/work-*")), "parts left over"
@@ -220,13 +291,13 @@ def assert_same_outputs(reference: Path, workdir: Path) -> None:
     found = torch.load(workdir / train / "checkpoint.pt", weights_only=True)
     assert_same_tree(expected, found, "checkpoint")
     metrics = [pd.read_csv(w / train / "metrics.csv") for w in (reference, workdir)]
-    timing = [c for c in metrics[0] if "time" in c or "per_s" in c or "throughput" in c]
-    pd.testing.assert_frame_equal(*(m.drop(columns=timing) for m in metrics))
+    pd.testing.assert_frame_equal(*(m.drop(columns=list(TIMING)) for m in metrics))
 
 
-def assert_same_group(expected: Path, found: Path) -> None:
+def assert_same_group(expected: Path, found: Path, skip_attrs: tuple[str, ...] = ()) -> None:
     a, b = (zarr.open_group(p, mode="r", zarr_format=3) for p in (expected, found))
-    assert dict(a.attrs) == dict(b.attrs), expected.name
+    attrs = [{k: v for k, v in g.attrs.items() if k not in skip_attrs} for g in (a, b)]
+    assert attrs[0] == attrs[1], expected.name
     arrays_a = {k: v for k, v in a.members(max_depth=None) if isinstance(v, zarr.Array)}
     arrays_b = {k: v for k, v in b.members(max_depth=None) if isinstance(v, zarr.Array)}
     assert sorted(arrays_a) == sorted(arrays_b), expected.name
@@ -259,6 +330,7 @@ KILLED_JOB = textwrap.dedent(
     from deo.data import stages, store
 
     where, nth, data, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    shard, shards = int(sys.argv[5]), int(sys.argv[6])
     module, name = where.split(".")
     target = {"stages": stages, "store": store}[module]
     original, calls = getattr(target, name), []
@@ -274,25 +346,31 @@ KILLED_JOB = textwrap.dedent(
     stages.ShardWriter = functools.partial(store.ShardWriter, flush_every=2)
     cfg = from_dict(DataConfig, data)
     stages.harmonise_shard(
-        Path("results/data/pairs.parquet"), 0, 1, cfg.harmonise, True, Path(out), Path(out + ".csv")
+        Path("results/data/pairs.parquet"), shard, shards, cfg.harmonise, True, Path(out),
+        Path(out + ".csv"),
     )
     """
 )
 
 
-def data_config(workdir: Path, **harmonise: object) -> DataConfig:
-    data = yaml.safe_load((workdir / "faults.yaml").read_text())["data"]
+def data_config(workdir: Path, name: str = "faults.yaml", **harmonise: object) -> DataConfig:
+    data = yaml.safe_load((workdir / name).read_text())["data"]
     data["harmonise"].update(harmonise)
     return from_dict(DataConfig, data)
 
 
+SHARD = (1, 4)
+"""(shard, of shards) of the one-job tests: a quarter of the scenes, with a nodata scene, an
+unreadable partner JSON and a corrupt partner JPEG among them."""
+
+
 def harmonise(cfg: DataConfig, out: Path) -> None:
     pairs = Path("results/data/pairs.parquet")
-    stages.harmonise_shard(pairs, 0, 1, cfg.harmonise, True, out, Path(f"{out}.csv"))
+    stages.harmonise_shard(pairs, *SHARD, cfg.harmonise, True, out, Path(f"{out}.csv"))
 
 
 def killed_harmonise(cfg: DataConfig, out: Path, where: str, nth: int) -> None:
-    args = [where, str(nth), json.dumps(to_dict(cfg)), str(out)]
+    args = [where, str(nth), json.dumps(to_dict(cfg)), str(out), *map(str, SHARD)]
     done = subprocess.run(
         [sys.executable, "-c", KILLED_JOB, *args], capture_output=True, text=True, env=_env()
     )
@@ -338,7 +416,7 @@ HARMONISE_KILLS = [
     ("store.write_json_atomic", 1),
     ("store._write_parquet_atomic", 4),
     ("stages.write_json_atomic", 2),
-    ("stages.read_s2", 37),
+    ("stages.read_s2", 12),
 ]
 
 
@@ -374,10 +452,41 @@ def test_partial_shard_of_other_settings_is_started_over(
     harmonise(new, clean)
     out = tmp_path / "resumed" / "0.zarr"
     out.parent.mkdir()
-    killed_harmonise(old, out, "stages.read_s2", 40)
+    killed_harmonise(old, out, "stages.read_s2", 10)
 
     with caplog.at_level("WARNING", logger="deo.data.store"):
         harmonise(new, out)
 
     assert "other settings" in caplog.text
     assert_same_shard(clean, out)
+
+
+def test_stale_snakemake_locks_are_removed_only_when_no_run_is_alive(tmp_path: Path) -> None:
+    locks = tmp_path / ".snakemake" / "locks"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_RUN_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        locks.mkdir(parents=True)
+        (locks / "0.input.lock").write_text("results/x\n")  # the live run's lock
+        assert clear_stale_locks(tmp_path) == [] and (locks / "0.input.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert clear_stale_locks(tmp_path) == [locks / "0.input.lock"]
+    assert not list(locks.iterdir())
+
+
+HOLD_RUN_LOCK = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from deo.workflow import clear_stale_locks
+
+    clear_stale_locks(Path(sys.argv[1]))
+    print("held", flush=True)
+    time.sleep(600)
+    """
+)

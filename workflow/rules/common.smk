@@ -7,7 +7,7 @@ from snakemake.utils import validate
 from deo.cache.spec import GlobalViews, split_teacher_section
 from deo.config import digest, to_dict
 from deo.train.config import parse_train, run_config
-from deo.workflow import prefer_beside_python
+from deo.workflow import clear_stale_locks, prefer_beside_python
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
@@ -17,6 +17,9 @@ envvars:
 
 
 prefer_beside_python()
+# A run killed with SIGKILL leaves Snakemake's locks: the next plain run removes them itself.
+if workflow.is_main_process:
+    clear_stale_locks()
 
 
 DATA = config["data"]
