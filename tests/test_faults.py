@@ -128,15 +128,21 @@ def write_config(workdir: Path, name: str, change=None) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One uninterrupted run of the DAG up to training, the yardstick of every case."""
-    workdir = tmp_path_factory.mktemp("faults") / "reference"
+    """One uninterrupted run of the DAG up to training, the yardstick of every case.
+
+    It runs in ``<base>/run``, where every case runs too (``fresh_copy``): the mirror's URLs
+    hold that absolute path, so a case elsewhere would rerun the downloads and name other paths
+    in its rejects. The returned snapshot beside it is never modified."""
+    base = tmp_path_factory.mktemp("faults")
+    workdir = base / "run"
     workdir.mkdir()
     shutil.copy(ROOT / "Snakefile", workdir)
     for folder in ("workflow", "config", "envs", "profiles"):
         shutil.copytree(ROOT / folder, workdir / folder)
     write_config(workdir, "faults.yaml")
     snakemake(workdir)
-    return workdir
+    shutil.copytree(workdir, base / "reference", symlinks=True)
+    return base / "reference"
 
 
 def runtime(workdir: Path, job: str) -> float:
@@ -162,8 +168,11 @@ DOWNSTREAM = (
 )
 
 
-def fresh_copy(reference: Path, dest: Path) -> Path:
-    """The reference run with every stage from harmonise on to do again."""
+def fresh_copy(reference: Path) -> Path:
+    """The reference run, where it ran, with every stage from harmonise on to do again."""
+    dest = reference.with_name("run")
+    if dest.exists():
+        shutil.rmtree(dest)
     shutil.copytree(reference, dest, symlinks=True)
     for rel in DOWNSTREAM:
         path = dest / rel
@@ -182,11 +191,11 @@ def fractions(n: int, salt: str) -> list[float]:
 
 
 def test_a_kill_in_each_stage_then_a_plain_rerun_gives_the_uninterrupted_outputs(
-    reference: Path, tmp_path: Path
+    reference: Path,
 ) -> None:
     """One SIGKILL of the whole process group inside each stage in turn, each run picking up
     what the previous kill left, then a plain rerun to the end."""
-    workdir = fresh_copy(reference, tmp_path / "run")
+    workdir = fresh_copy(reference)
     for stage, job in STAGE_JOB.items():
         (fraction,) = fractions(1, stage)
         interrupt(workdir, job, fraction * runtime(reference, job), signal.SIGKILL)
@@ -205,9 +214,9 @@ FULL_MATRIX = [
 @pytest.mark.skipif(not FULL, reason="the full kill matrix runs with DEO_FAULTS=full")
 @pytest.mark.parametrize(("stage", "fraction"), FULL_MATRIX)
 def test_kill_at_a_point_then_a_plain_rerun_gives_the_uninterrupted_outputs(
-    reference: Path, tmp_path: Path, stage: str, fraction: float
+    reference: Path, stage: str, fraction: float
 ) -> None:
-    workdir = fresh_copy(reference, tmp_path / "run")
+    workdir = fresh_copy(reference)
     job = STAGE_JOB[stage]
     interrupt(workdir, job, fraction * runtime(reference, job), signal.SIGKILL)
 
@@ -219,7 +228,7 @@ def test_kill_at_a_point_then_a_plain_rerun_gives_the_uninterrupted_outputs(
 def test_sigterm_then_a_settings_change_gives_a_clean_store_of_the_new_settings(
     reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    workdir = fresh_copy(reference, tmp_path / "run")
+    workdir = fresh_copy(reference)
     nearest = {"10": "nearest", "20": "nearest", "60": "nearest"}
     changed = write_config(
         workdir, "nearest.yaml", lambda c: c["data"]["harmonise"].update(resampling=nearest)
