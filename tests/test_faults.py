@@ -31,10 +31,14 @@ import pytest
 import torch
 import yaml
 import zarr
+from fakes import TINY_TEACHER, TINY_TRAIN, write_store
 
+from deo.cache.build import build_part, finalise
+from deo.cache.spec import CacheConfig, GlobalViews
 from deo.config import DataConfig, from_dict, to_dict
 from deo.data import stages
 from deo.data.store import merge_shards
+from deo.train.config import parse_teacher, parse_train
 from deo.workflow import clear_stale_locks
 
 ROOT = Path(__file__).parents[1]
@@ -499,3 +503,64 @@ HOLD_RUN_LOCK = textwrap.dedent(
     time.sleep(600)
     """
 )
+
+
+# ---- the teacher cache's assembly, killed --------------------------------------------------
+
+KILLED_FINALISE = textwrap.dedent(
+    """
+    import os, shutil, signal, sys
+    from pathlib import Path
+    import deo.cache.build as build
+
+    where, nth, out, records = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+    owner = shutil if where == "rmtree" else build
+    original, calls = getattr(owner, where), []
+
+    def killing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(owner, where, killing)
+    build.finalise([Path(r) for r in records], Path(out))
+    """
+)
+
+
+def cache_parts(store: tuple[Path, Path], root: Path) -> list[Path]:
+    """Two parts of a teacher cache, built in this process; their records."""
+    views = GlobalViews.from_train(parse_train(TINY_TRAIN))
+    cfg = CacheConfig(batch_size=4, shards=2)
+    records = [root / f"part{j}.json" for j in range(cfg.shards)]
+    for j, record in enumerate(records):
+        build_part(*store, parse_teacher(TINY_TEACHER), views, cfg, j, root / "work", record)
+    return records
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("where", "nth"),
+    [("_link", 5), ("rmtree", 2)],  # while linking the first part; between removing the parts
+)
+def test_killed_cache_assembly_finishes_on_rerun(tmp_path: Path, where: str, nth: int) -> None:
+    (tmp_path / "store").mkdir()
+    store = write_store(tmp_path / "store", n=12)  # two blocks of 8 rows
+    finalise(cache_parts(store, tmp_path / "clean"), tmp_path / "clean" / "cache.zarr")
+    records = cache_parts(store, tmp_path / "killed")
+    out = tmp_path / "killed" / "cache.zarr"
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_FINALISE, where, str(nth), str(out), *map(str, records)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert not out.exists()
+
+    finalise(records, out)
+
+    assert_same_group(tmp_path / "clean" / "cache.zarr", out)
+    assert not (tmp_path / "killed" / "work").exists()
+    assert not out.with_name("cache.zarr.tmp").exists()
