@@ -180,11 +180,12 @@ def harmonise_shard(
         found = ShardRejects(partial, done)
         _harmonise_scenes(mine, done, writer, cfg, with_rgb, found)
         stored = len(writer.done_keys)
-    write_rejects(found.ordered(), rejects)
+    kept = found.ordered()
+    write_rejects(kept, rejects)
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)
-    log.info("shard %d: %d scenes stored, %d rejects", shard, stored, len(found.ordered()))
+    log.info("shard %d: %d scenes stored, %d rejects", shard, stored, len(kept))
 
 
 class ShardRejects:
