@@ -9,7 +9,9 @@ SIGKILL at seeded random points inside harmonise, merge, cache_teacher and disti
 with a plain ``snakemake``: store, rejects, cache, checkpoint and metrics must equal one
 uninterrupted reference run's. SIGTERM followed by a settings change must give the store of a
 clean run with the new settings. By default one point per stage (CI's budget); ``DEO_FAULTS=full``
-runs ``FULL_POINTS`` seeded points per stage.
+runs ``FULL_POINTS`` seeded points per stage. (3) The teacher cache's assembly killed while it
+links the parts and while it removes them; and Snakemake's locks left by a killed run. The
+download faults (a host that swaps the file between requests) are in tests/test_fetch.py.
 """
 
 from __future__ import annotations
