@@ -67,6 +67,7 @@ class FetchConfig:
     backoff_s: float = 2.0
     timeout_s: float = 60.0
     rehash: bool = False
+    refresh: bool = False
 
 
 @dataclass(frozen=True)

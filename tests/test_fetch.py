@@ -34,6 +34,8 @@ class ServerState:
     ranges: dict[str, list[str | None]] = field(default_factory=lambda: defaultdict(list))
     lock: threading.Lock = field(default_factory=threading.Lock)
     drops: int = 1
+    swaps: dict[str, bytes] = field(default_factory=dict)
+    if_ranges: dict[str, list[str | None]] = field(default_factory=lambda: defaultdict(list))
 
     def hit(self, path: str, range_header: str | None) -> int:
         """Record a request and return how many times ``path`` was requested so far."""
@@ -64,17 +66,20 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         mode, _, name = path.lstrip("/").partition("/")
         hits = state.hit(path, self.headers.get("Range"))
+        state.if_ranges[path].append(self.headers.get("If-Range"))
         body = state.files.get(name)
+        if mode in ("swap", "swapnoif") and hits > 1:
+            body = state.swaps[name]
         if body is None or mode == "missing":
             self._reply(404, b"not found")
         elif mode == "flaky500" and hits == 1:
             self._reply(500, b"oops")
-        elif mode == "trunc" or (mode == "drop" and hits <= state.drops):
+        elif mode == "trunc" or (mode in ("drop", "swap", "swapnoif") and hits <= state.drops):
             self._drop_midway(body)
         elif mode == "norange":
             self._reply(200, body)
         else:
-            self._ranged(body)
+            self._ranged(body, honour_if_range=mode != "swapnoif")
 
     def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -84,21 +89,25 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _ranged(self, body: bytes) -> None:
+    def _ranged(self, body: bytes, *, honour_if_range: bool = True) -> None:
+        """Ranges as RFC 9110 has them: an ``If-Range`` that names another version gets 200."""
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if match is None:
-            self._reply(200, body, {"Accept-Ranges": "bytes"})
+        condition = self.headers.get("If-Range")
+        stale = honour_if_range and condition is not None and condition != etag(body)
+        if match is None or stale:
+            self._reply(200, body, {"Accept-Ranges": "bytes", "ETag": etag(body)})
             return
         start = int(match.group(1))
         if start >= len(body):
             self._reply(416, b"", {"Content-Range": f"bytes */{len(body)}"})
             return
         content_range = f"bytes {start}-{len(body) - 1}/{len(body)}"
-        self._reply(206, body[start:], {"Content-Range": content_range})
+        self._reply(206, body[start:], {"Content-Range": content_range, "ETag": etag(body)})
 
     def _drop_midway(self, body: bytes) -> None:
         """Announce the whole body, send half of it, then cut the connection."""
         self.send_response(200)
+        self.send_header("ETag", etag(body))
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body[: len(body) // 2])
@@ -146,6 +155,19 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def etag(data: bytes) -> str:
+    """The loopback host's strong ETag of a version of a file."""
+    return f'"{sha(data)[:16]}"'
+
+
+def started_part(dest, held: bytes, url: str, tag: str | None) -> None:
+    """A ``.part`` as an interrupted download leaves it: bytes plus the first response's record."""
+    part = dest.with_name(dest.name + ".part")
+    part.write_bytes(held)
+    record = {"etag": tag, "last_modified": None, "length": None, "url": url}
+    part.with_name(part.name + ".json").write_text(json.dumps(record))
+
+
 def test_normal_download_records_manifest(server, tmp_path):
     base, state = server
     state.files["a.bin"] = data = payload(100_000)
@@ -181,7 +203,92 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     assert seen[0] is None
     offsets = [int(re.fullmatch(r"bytes=(\d+)-", header).group(1)) for header in seen[1:]]
     assert offsets and all(offset > 0 for offset in offsets)
+    # every resume is conditional on the version whose first part is on disk
+    assert state.if_ranges["/drop/big.bin"][1:] == [etag(data)] * len(offsets)
     assert verify_manifest(tmp_path / "m.json") == []
+    assert not (tmp_path / "big.bin.part.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["swap", "swapnoif"])
+def test_file_swapped_mid_download_restarts_from_zero(server, tmp_path, mode, caplog):
+    """swap honours If-Range (200 with the new file); swapnoif ignores it and sends the rest of
+    the new file as 206, which its changed ETag gives away."""
+    base, state = server
+    old, new = payload(200_000, seed=1), payload(200_000, seed=2)
+    state.files["w.bin"], state.swaps["w.bin"] = old, new
+    dest = tmp_path / "w.bin"
+
+    with caplog.at_level(logging.WARNING, logger="deo.data.fetch"):
+        [result] = fetch_all(
+            [
+                FetchItem(f"{base}/{mode}/w.bin", dest),
+            ],
+            tmp_path / "m.json",
+            **FAST,
+        )
+
+    assert result.ok, result.error
+    assert dest.read_bytes() == new and result.sha256 == sha(new)
+    assert state.if_ranges[f"/{mode}/w.bin"][1] == etag(old)
+    assert "starting over" in caplog.text
+    if mode == "swapnoif":  # 206 refused, then a plain request for the whole new file
+        assert state.ranges[f"/{mode}/w.bin"][-1] is None
+
+
+def test_part_without_a_record_is_started_over(server, tmp_path, caplog):
+    base, state = server
+    state.files["r.bin"] = data = payload(30_000)
+    dest = tmp_path / "r.bin"
+    (tmp_path / "r.bin.part").write_bytes(payload(10_000, seed=9))  # e.g. from an older version
+
+    with caplog.at_level(logging.WARNING, logger="deo.data.fetch"):
+        [result] = fetch_all([FetchItem(f"{base}/ok/r.bin", dest)], tmp_path / "m.json", **FAST)
+
+    assert result.ok, result.error
+    assert dest.read_bytes() == data
+    assert state.ranges["/ok/r.bin"] == [None]
+    assert "no record of the file" in caplog.text
+
+
+def test_changed_remote_copy_of_a_recorded_file_is_an_error(server, tmp_path):
+    base, state = server
+    state.files["m.bin"] = old = payload(20_000, seed=3)
+    dest, manifest = tmp_path / "m.bin", tmp_path / "m.json"
+    item = FetchItem(f"{base}/ok/m.bin", dest)
+    fetch_all([item], manifest, **FAST)
+    recorded = manifest.read_text()
+    dest.unlink()
+    state.files["m.bin"] = new = payload(20_000, seed=4)
+
+    [result] = fetch_all([item], manifest, **FAST)
+
+    assert not result.ok
+    assert "m.bin" in result.error and sha(old) in result.error and sha(new) in result.error
+    assert "data.fetch.refresh" in result.error
+    assert manifest.read_text() == recorded and not dest.exists()
+
+    before = state.count("/ok/m.bin")
+    [result] = fetch_all([item], manifest, refresh=True, **FAST)
+
+    assert result.ok, result.error
+    assert dest.read_bytes() == new
+    assert Manifest(manifest).get(dest)["sha256"] == sha(new)
+    # the new bytes were kept in the .part file: the refresh only confirms they are complete
+    assert state.ranges["/ok/m.bin"][before:] == [f"bytes={len(new)}-"]
+
+
+def test_absent_recorded_file_with_the_same_remote_copy_is_fetched_again(server, tmp_path):
+    base, state = server
+    state.files["k.bin"] = data = payload(5_000)
+    dest, manifest = tmp_path / "k.bin", tmp_path / "m.json"
+    item = FetchItem(f"{base}/ok/k.bin", dest)
+    fetch_all([item], manifest, **FAST)
+    dest.unlink()
+
+    [result] = fetch_all([item], manifest, **FAST)
+
+    assert result.ok, result.error
+    assert dest.read_bytes() == data
 
 
 def test_server_error_is_retried(server, tmp_path):
@@ -229,7 +336,7 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     base, state = server
     state.files["n.bin"] = data = payload(50_000)
     dest = tmp_path / "n.bin"
-    (tmp_path / "n.bin.part").write_bytes(b"garbage that must not survive" * 10)
+    started_part(dest, b"garbage that must not survive" * 10, f"{base}/norange/n.bin", etag(data))
 
     [result] = fetch_all([FetchItem(f"{base}/norange/n.bin", dest)], tmp_path / "m.json", **FAST)
 
@@ -243,7 +350,7 @@ def test_complete_part_answered_with_416_is_finished(server, tmp_path):
     base, state = server
     state.files["done.bin"] = data = payload(10_000)
     dest = tmp_path / "done.bin"
-    (tmp_path / "done.bin.part").write_bytes(data)
+    started_part(dest, data, f"{base}/ok/done.bin", etag(data))
 
     [result] = fetch_all([FetchItem(f"{base}/ok/done.bin", dest)], tmp_path / "m.json", **FAST)
 
@@ -313,14 +420,31 @@ def test_file_url_resumes_partial(tmp_path):
     source.write_bytes(data := payload(123_457))
     dest = tmp_path / "out" / "f.bin"
     dest.parent.mkdir()
-    (dest.parent / "f.bin.part").write_bytes(data[:50_000])
-
+    info = source.stat()
+    started_part(dest, data[:50_000], source.as_uri(), f'"{info.st_size}-{info.st_mtime_ns}"')
+    # a resumed read computes no hash while streaming: a correct digest proves the splice
     [result] = fetch_all([FetchItem(source.as_uri(), dest)], tmp_path / "out" / "m.json", **FAST)
 
     assert result.ok, result.error
     assert dest.read_bytes() == data
     assert result.sha256 == sha(data)
     assert not (dest.parent / "f.bin.part").exists()
+
+
+def test_file_url_changed_since_the_partial_is_read_again(tmp_path):
+    source = tmp_path / "src" / "g.bin"
+    source.parent.mkdir()
+    source.write_bytes(old := payload(60_000, seed=5))
+    dest = tmp_path / "g.bin"
+    info = source.stat()
+    started_part(dest, old[:20_000], source.as_uri(), f'"{info.st_size}-{info.st_mtime_ns}"')
+    source.write_bytes(new := payload(60_000, seed=6))
+    os.utime(source, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+
+    [result] = fetch_all([FetchItem(source.as_uri(), dest)], tmp_path / "m.json", **FAST)
+
+    assert result.ok, result.error
+    assert dest.read_bytes() == new and result.sha256 == sha(new)
 
 
 def test_missing_file_url_fails(tmp_path):

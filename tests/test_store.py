@@ -131,10 +131,14 @@ def test_resume_skips_flushed_keys_and_merge_has_each_once(tmp_path: Path) -> No
     np.testing.assert_array_equal(s2[4], sample(4)[0])
 
 
-def test_resume_with_other_parameters_fails(tmp_path: Path) -> None:
-    ShardWriter(tmp_path / "s", 4, T, True).close()
-    with pytest.raises(DataError, match="tile_size"):
-        ShardWriter(tmp_path / "s", 4, T * 2, True)
+def test_resume_with_other_parameters_starts_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with ShardWriter(tmp_path / "s", 4, T, True) as w:
+        w.write(0, *sample(0), {"key": "a", "order": 0})
+    with caplog.at_level("WARNING", logger="deo.data.store"):
+        again = ShardWriter(tmp_path / "s", 4, T * 2, True)
+    assert again.done_keys == set() and "other settings" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _read_progress(path: Path) -> dict[str, Any] | None:
+    """A part's progress record, or None when it is absent or unreadable."""
+    state = _read_json(path)
+    ok = isinstance(state, dict) and {"meta_digest", "blocks"} <= set(state)
+    return state if ok else None
+
+
 class _Part:
     """One job's part group and its progress file (the blocks already written)."""
 
@@ -136,14 +143,18 @@ class _Part:
         self.progress = work / f"part-{part}.json"
         self.meta_digest = digest(meta)
         self.done: set[int] = set()
-        if self.path.exists() and self.progress.exists():
-            state = json.loads(self.progress.read_text())
-            if state["meta_digest"] == self.meta_digest:
-                self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
-                self.done = set(state["blocks"])
-                log.info("resuming %s: %d block(s) already done", self.path, len(self.done))
-                return
-            log.warning("discarding %s: it was built for other settings", self.path)
+        state = _read_progress(self.progress) if self.path.exists() else None
+        if state is not None and state["meta_digest"] == self.meta_digest:
+            self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+            self.done = set(state["blocks"])
+            log.info("resuming %s: %d block(s) already done", self.path, len(self.done))
+            return
+        if self.path.exists() or self.progress.exists():
+            why = "it was built for other settings" if state else "it has no readable progress"
+            log.warning("starting %s over: %s", self.path, why)
+        # The progress file goes first and comes back last: one that matches this job's
+        # settings always describes a part group that was created in full.
+        self.progress.unlink(missing_ok=True)
         if self.path.exists():
             shutil.rmtree(self.path)
         work.mkdir(parents=True, exist_ok=True)
@@ -293,35 +304,84 @@ def finalise(records: Sequence[Path], out: Path) -> None:
 
     Checks that the parts were built with one record (same store, teacher, views, K) and
     together hold every block exactly once, each listed as written in its progress file.
+    The parts are removed only once ``<out>.tmp`` holds (hard links to) all of them and
+    ``<out>.tmp.json`` says which parts it holds, so a killed run resumes from one or the other.
     """
     out = Path(out)
     parts = [json.loads(Path(r).read_text()) for r in records]
     if not parts:
         raise ValueError("no parts to assemble")
-    groups = []
+    tmp = out.with_name(out.name + ".tmp")
+    marker = tmp.with_name(tmp.name + ".json")
+    sources = [[rec["group"], rec["meta_digest"]] for rec in parts]
+    if tmp.exists() and _read_json(marker) == {"parts": sources}:
+        log.info("finishing the assembly of %s that an interrupted run completed", tmp)
+    else:
+        _assemble(records, parts, tmp)
+        zarr.open_group(tmp, mode="r+", zarr_format=3).attrs[COMPLETE_ATTR] = True
+        _write_json(marker, {"parts": sources})
     for rec in parts:
+        path = Path(rec["group"])
+        path.with_suffix(".json").unlink(missing_ok=True)
+        if path.exists():
+            shutil.rmtree(path)
+        if path.parent.exists() and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    marker.unlink()
+    meta = zarr.open_group(out, mode="r", zarr_format=3).attrs[META_ATTR]
+    log.info(
+        "assembled %s from %d part(s): %d samples x %d views",
+        out,
+        len(parts),
+        meta["store"]["n"],
+        meta["k"],
+    )
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _assemble(records: Sequence[Path], parts: list[dict[str, Any]], tmp: Path) -> None:
+    """Check the parts and hard-link their shard files into ``tmp`` (not yet marked complete)."""
+    groups = []
+    for record, rec in zip(records, parts, strict=True):
         path, progress = Path(rec["group"]), Path(rec["group"]).with_suffix(".json")
-        if not progress.exists():
-            raise DataError(path, "part group or its progress file is missing; rerun its job")
-        state = json.loads(progress.read_text())
-        if state["meta_digest"] != rec["meta_digest"] or not set(rec["blocks"]) <= set(
+        state = _read_progress(progress)
+        if state is None or not path.exists():
+            problem = "its group or progress file is missing (an interrupted assembly?)"
+        elif state["meta_digest"] != rec["meta_digest"] or not set(rec["blocks"]) <= set(
             state["blocks"]
         ):
-            raise DataError(path, "part is incomplete or from other settings; rerun its job")
-        groups.append(zarr.open_group(path, mode="r", zarr_format=3))
+            problem = "it is incomplete or from other settings"
+        else:
+            groups.append(zarr.open_group(path, mode="r", zarr_format=3))
+            continue
+        # Nothing reruns the part's job while its record exists: remove the record, so the
+        # next run recomputes the part instead of failing here again.
+        Path(record).unlink(missing_ok=True)
+        raise DataError(
+            path, f"{problem}; removed its record {record}: run the workflow again to recompute it"
+        )
     meta = groups[0].attrs[META_ATTR]
     if odd := [
         p["group"] for p, g in zip(parts, groups, strict=True) if g.attrs[META_ATTR] != meta
     ]:
-        raise DataError(out, f"parts {odd} were built with other settings than {parts[0]['group']}")
+        raise DataError(tmp, f"parts {odd} were built with other settings than {parts[0]['group']}")
     n_blocks = math.ceil(meta["store"]["n"] / meta["store"]["samples_per_shard"])
     claimed = sorted(b for p in parts for b in p["blocks"])
     if claimed != list(range(n_blocks)):
         raise DataError(
-            out, f"the parts hold blocks {claimed}, need each of 0..{n_blocks - 1} once"
+            tmp, f"the parts hold blocks {claimed}, need each of 0..{n_blocks - 1} once"
         )
 
-    tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     first = Path(parts[0]["group"])
@@ -339,21 +399,3 @@ def finalise(records: Sequence[Path], out: Path) -> None:
                 src = Path(rec["group"]) / name / key
                 if src.exists():  # an all-fill shard (e.g. every vflip false) is never written
                     _link(src, tmp / name / key)
-    final = zarr.open_group(tmp, mode="r+", zarr_format=3)
-    final.attrs[COMPLETE_ATTR] = True
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    log.info(
-        "assembled %s from %d part(s): %d samples x %d views",
-        out,
-        len(parts),
-        meta["store"]["n"],
-        meta["k"],
-    )
-    for rec in parts:
-        path = Path(rec["group"])
-        shutil.rmtree(path)
-        path.with_suffix(".json").unlink()
-        if path.parent.exists() and not any(path.parent.iterdir()):
-            path.parent.rmdir()

@@ -3,6 +3,14 @@
 Upstream publishes no checksums, so the pipeline records size and sha256 of everything it fetched
 in a manifest and verifies files against it on later runs. Partial data only ever lives in
 ``<dest>.part``; ``dest`` appears (atomically) once the transfer is complete.
+
+A ``.part`` is continued only when it provably holds the start of the file the host serves now:
+the validators of the response that started it (ETag, Last-Modified, length; size and mtime for
+``file://``) are kept in ``<dest>.part.json`` and every resume is conditional on them (HTTP
+``If-Range``, S3 ``IfMatch``). A host that answers with another file restarts the download from
+byte 0; a ``.part`` without a usable record is started over. A file already in the manifest
+whose remote copy changed is an error unless ``refresh`` is asked for: the manifest is never
+rewritten silently.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
@@ -187,6 +195,10 @@ class _RangeRejected(_Retryable):
     """The ``.part`` file cannot be continued: discard it and start again from byte 0."""
 
 
+Validators = dict[str, Any]
+"""What identifies one version of a remote file: ``etag``, ``last_modified``, ``length``."""
+
+
 class _Fatal(Exception):
     """A failure that retrying will not fix (404, 403, missing boto3, ...)."""
 
@@ -199,6 +211,7 @@ class _Body:
     total: int | None
     chunks: Iterator[bytes]
     close: Callable[[], object]
+    validators: Validators = field(default_factory=dict)
 
 
 def _status_failure(status: int, what: str = "HTTP") -> Exception:
@@ -224,11 +237,26 @@ def _guarded(chunks: Iterable[bytes], errors: tuple[type[BaseException], ...]) -
         raise _Retryable(f"connection lost mid-transfer: {exc}") from exc
 
 
-def _open_http(url: str, offset: int, fetcher: _Fetcher) -> _Body:
-    """GET ``url`` from ``offset`` on; raw bytes, so a .gz stays exactly as served."""
+def _strong_etag(validators: Validators) -> str | None:
+    """The ETag when it is a strong one (weak ones may not be used for ranges, RFC 9110)."""
+    etag = validators.get("etag")
+    return etag if isinstance(etag, str) and not etag.startswith("W/") else None
+
+
+def _if_range(validators: Validators) -> str | None:
+    """The ``If-Range`` value that makes a ranged request safe, or None when there is none."""
+    return _strong_etag(validators) or validators.get("last_modified") or None
+
+
+def _open_http(url: str, offset: int, recorded: Validators, fetcher: _Fetcher) -> _Body:
+    """GET ``url`` from ``offset`` on; raw bytes, so a .gz stays exactly as served.
+
+    A ranged request carries ``If-Range``: a host whose file changed answers 200 (the whole new
+    file) rather than the rest of another file."""
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = _if_range(recorded) or ""
     try:
         response = fetcher.session().get(url, headers=headers, stream=True, timeout=fetcher.timeout)
     except (requests.ConnectionError, requests.Timeout) as exc:
@@ -246,7 +274,12 @@ def _open_http(url: str, offset: int, fetcher: _Fetcher) -> _Body:
     start, total = _response_span(response)
     raw = response.raw.stream(fetcher.chunk_size, decode_content=False)
     errors = (urllib3.exceptions.HTTPError, requests.RequestException, OSError)
-    return _Body(start, total, _guarded(raw, errors), response.close)
+    validators = {
+        "etag": response.headers.get("ETag"),
+        "last_modified": response.headers.get("Last-Modified"),
+        "length": total,
+    }
+    return _Body(start, total, _guarded(raw, errors), response.close, validators)
 
 
 def _response_span(response: requests.Response) -> tuple[int, int | None]:
@@ -261,21 +294,27 @@ def _response_span(response: requests.Response) -> tuple[int, int | None]:
     return start, total
 
 
-def _open_file(url: str, offset: int, fetcher: _Fetcher) -> _Body:
-    """Read a local file from ``offset`` on, so file:// shares the download code path."""
+def _open_file(url: str, offset: int, recorded: Validators, fetcher: _Fetcher) -> _Body:
+    """Read a local file from ``offset`` on, so file:// shares the download code path.
+
+    Size and modification time stand in for an ETag: a changed file is read from byte 0."""
     path = Path(url2pathname(urlsplit(url).path))
     try:
         handle = path.open("rb")
     except FileNotFoundError as exc:
         raise _Fatal(f"no such file: {path}") from exc
-    total = os.fstat(handle.fileno()).st_size
-    start = offset if offset <= total else 0
+    info = os.fstat(handle.fileno())
+    total = info.st_size
+    etag = f'"{total}-{info.st_mtime_ns}"'
+    start = offset if offset <= total and etag == recorded.get("etag") else 0
     handle.seek(start)
-    return _Body(start, total, iter(partial(handle.read, fetcher.chunk_size), b""), handle.close)
+    validators = {"etag": etag, "last_modified": None, "length": total}
+    chunks = iter(partial(handle.read, fetcher.chunk_size), b"")
+    return _Body(start, total, chunks, handle.close, validators)
 
 
-def _open_s3(url: str, offset: int, fetcher: _Fetcher) -> _Body:
-    """Ranged GET of a public S3 object with unsigned requests."""
+def _open_s3(url: str, offset: int, recorded: Validators, fetcher: _Fetcher) -> _Body:
+    """Ranged GET of a public S3 object with unsigned requests, conditional on its ETag."""
     client = fetcher.s3_client()
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -283,12 +322,15 @@ def _open_s3(url: str, offset: int, fetcher: _Fetcher) -> _Body:
     request = {"Bucket": parts.netloc, "Key": parts.path.lstrip("/")}
     if offset:
         request["Range"] = f"bytes={offset}-"
+        request["IfMatch"] = _strong_etag(recorded) or "*"
     try:
         response = client.get_object(**request)
     except ClientError as exc:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
         if status == 416 and offset:
             raise _RangeRejected(f"S3 416 for a {offset}-byte partial file") from exc
+        if status == 412 and offset:
+            raise _RangeRejected("the S3 object changed since the partial download") from exc
         raise _status_failure(status, "S3 HTTP") from exc
     except BotoCoreError as exc:
         raise _Retryable(f"S3 request failed: {exc}") from exc
@@ -297,10 +339,12 @@ def _open_s3(url: str, offset: int, fetcher: _Fetcher) -> _Body:
         start, total = 0, response.get("ContentLength")
     body = response["Body"]
     errors = (BotoCoreError, urllib3.exceptions.HTTPError, OSError)
-    return _Body(start, total, _guarded(body.iter_chunks(fetcher.chunk_size), errors), body.close)
+    chunks = _guarded(body.iter_chunks(fetcher.chunk_size), errors)
+    validators = {"etag": response.get("ETag"), "last_modified": None, "length": total}
+    return _Body(start, total, chunks, body.close, validators)
 
 
-_OPENERS: dict[str, Callable[[str, int, _Fetcher], _Body]] = {
+_OPENERS: dict[str, Callable[[str, int, Validators, _Fetcher], _Body]] = {
     "http": _open_http,
     "https": _open_http,
     "file": _open_file,
@@ -310,6 +354,44 @@ _OPENERS: dict[str, Callable[[str, int, _Fetcher], _Body]] = {
 
 def _part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
+
+
+def _validators_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_validators(part: Path) -> Validators:
+    """The record of the response that started ``part``; {} when absent or unreadable."""
+    try:
+        found = json.loads(_validators_path(part).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _write_validators(part: Path, url: str, validators: Validators) -> None:
+    """Record what ``part`` is the start of, atomically (a kill leaves the old or new record)."""
+    path = _validators_path(part)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**validators, "url": url}, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _discard_part(part: Path) -> None:
+    """Remove a partial download and its record (the data first: no record, no resume)."""
+    part.unlink(missing_ok=True)
+    _validators_path(part).unlink(missing_ok=True)
+
+
+def _changed(recorded: Validators, now: Validators) -> list[str]:
+    """The validators that differ between the recorded and the current response."""
+    return [
+        name
+        for name in ("etag", "last_modified", "length")
+        if recorded.get(name) is not None
+        and now.get(name) is not None
+        and recorded[name] != now[name]
+    ]
 
 
 def _size(path: Path) -> int:
@@ -329,8 +411,10 @@ class _Fetcher:
         timeout: float,
         chunk_size: int,
         total_files: int,
+        refresh: bool = False,
     ) -> None:
         self.manifest = manifest
+        self.refresh = refresh
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
@@ -415,10 +499,32 @@ class _Fetcher:
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = _part_path(dest)
         size, digest = self._transfer_with_retries(item, part)
+        self._check_unchanged(dest, size, digest)
         os.replace(part, dest)
+        _validators_path(part).unlink(missing_ok=True)
         self.manifest.record(dest, size, digest, redact(item.url))
         log.info("fetched %s -> %s (%d bytes)", redact(item.url), dest, size)
         return FetchResult(item, True, None, size, digest, False)
+
+    def _check_unchanged(self, dest: Path, size: int, digest: str) -> None:
+        """A file the manifest already knows must come back with the recorded checksum.
+
+        The new bytes stay in the ``.part`` file, so a refresh asked for later (or a host that
+        goes back to the recorded file) does not download them again."""
+        entry = self.manifest.get(dest)
+        if entry is None or (entry["size"], entry["sha256"]) == (size, digest):
+            return
+        change = (
+            f"the remote copy changed: manifest {self.manifest.path} records sha256 "
+            f"{entry['sha256']} ({entry['size']} bytes), the host now serves sha256 {digest} "
+            f"({size} bytes)"
+        )
+        if not self.refresh:
+            raise _Fatal(
+                f"{dest}: {change}; set data.fetch.refresh: true to accept the new file "
+                "(it is kept in the .part file)"
+            )
+        log.warning("%s: %s; refreshing it as data.fetch.refresh asks", dest, change)
 
     def _transfer_with_retries(self, item: FetchItem, part: Path) -> tuple[int, str]:
         """Retry transient failures; ``retries`` bounds consecutive attempts without progress.
@@ -433,7 +539,7 @@ class _Fetcher:
                 return self._transfer(item, part)
             except _Retryable as exc:
                 if isinstance(exc, _RangeRejected):
-                    part.unlink(missing_ok=True)
+                    _discard_part(part)
                 failures = 0 if _size(part) > held else failures + 1
                 if failures > self.retries:
                     raise _Fatal(f"{exc} (gave up after {self.retries} retries)") from exc
@@ -448,11 +554,36 @@ class _Fetcher:
         opener = _OPENERS.get(scheme)
         if opener is None:
             raise _Fatal(f"unsupported URL scheme {scheme!r}")
+        url = redact(item.url)
         offset = _size(part)
-        body = opener(item.url, offset, self)
+        recorded = _read_validators(part) if offset else {}
+        if offset and (recorded.get("url") != url or _if_range(recorded) is None):
+            log.warning(
+                "%s: %d-byte partial download has no record of the file it is the start of "
+                "(validators); starting it over",
+                part,
+                offset,
+            )
+            _discard_part(part)
+            offset, recorded = 0, {}
+        body = opener(item.url, offset, recorded, self)
         try:
             if body.start > offset:
                 raise _RangeRejected(f"source resumed at byte {body.start}, past byte {offset}")
+            if body.start == 0:
+                if offset:
+                    log.warning(
+                        "%s: the host sent the whole file instead of the rest (it changed, or "
+                        "ignores ranges); starting over",
+                        url,
+                    )
+                part.write_bytes(b"")  # no old byte may sit under the new record
+                _write_validators(part, url, body.validators)
+            elif changed := _changed(recorded, body.validators):
+                raise _RangeRejected(
+                    f"the remote file changed since the partial download ({', '.join(changed)} "
+                    "differ); starting over"
+                )
             size, digest = self._write(body, part)
         finally:
             body.close()
@@ -499,12 +630,15 @@ def fetch_all(
     timeout: float = 60.0,
     progress: bool = True,
     chunk_size: int = 1 << 20,
+    refresh: bool = False,
 ) -> list[FetchResult]:
     """Fetch ``items`` in parallel, one result per item in the same order.
 
     Present files are verified against (or recorded in) ``manifest`` instead of being fetched
-    again. Per-item failures never raise: see ``require_ok``. Raises ValueError when two items
-    share a destination, and DataError when the manifest itself is unreadable.
+    again. A file the manifest records but that is absent is fetched and must match its record,
+    unless ``refresh`` accepts (and records) a changed remote copy. Per-item failures never
+    raise: see ``require_ok``. Raises ValueError when two items share a destination, and
+    DataError when the manifest itself is unreadable.
     """
     _reject_duplicate_dests(items)
     book = Manifest(manifest)
@@ -518,6 +652,7 @@ def fetch_all(
             timeout=timeout,
             chunk_size=chunk_size,
             total_files=len(items),
+            refresh=refresh,
         )
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

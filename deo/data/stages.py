@@ -15,6 +15,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from deo.data.fetch import FetchItem, FetchResult, fetch_all, require_ok
 from deo.data.harmonise import read_rgb, read_s2
 from deo.data.pair import pair_scenes
 from deo.data.rejects import Reject, check_reject_fraction, read_rejects, write_rejects
-from deo.data.store import ShardWriter, merge_shards
+from deo.data.store import ShardWriter, merge_shards, read_json, write_json_atomic
 from deo.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def _fetch(items: list[FetchItem], dest_dir: Path, cfg: DataConfig) -> list[Fetc
         retries=f.retries,
         backoff=f.backoff_s,
         timeout=f.timeout_s,
+        refresh=f.refresh,
     )
 
 
@@ -175,11 +177,19 @@ def harmonise_shard(
 
     Work goes to ``<out>.partial`` (not a Snakemake output, so it survives a failed or killed
     job); a rerun skips the scenes already written and renames the shard into place at the end.
+    The partial shard is keyed by the digest of everything that decides its samples (this
+    job's settings and inputs), so a rerun under other settings starts it over, and it holds
+    the rejects found so far, so a resumed job ends with the rejects of an uninterrupted one.
     """
     table = pd.read_parquet(pairs)
     mine = table.iloc[shard::n_shards]
     partial = out.with_name(out.name + ".partial")
-    found: list[Reject] = []
+    settings = {
+        "harmonise": to_dict(cfg),
+        "with_rgb": with_rgb,
+        "inputs": json.loads(mine.to_json(orient="records")),
+        "deo_version": __version__,
+    }
     # The writer flushes its table on the way out, also when the job fails or is terminated.
     with ShardWriter(
         partial,
@@ -187,17 +197,47 @@ def harmonise_shard(
         tile_size=cfg.tile_size,
         with_rgb=with_rgb,
         rgb_tile_size=cfg.rgb_tile_size,
+        settings=settings,
     ) as writer:
         done = writer.done_keys
         if done:
             log.info("resuming shard %d: %d of %d scenes done", shard, len(done), len(mine))
+        found = ShardRejects(partial, done)
         _harmonise_scenes(mine, done, writer, cfg, with_rgb, found)
         stored = len(writer.done_keys)
+    kept = found.ordered()
+    write_rejects(kept, rejects)
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)
-    write_rejects(found, rejects)
-    log.info("shard %d: %d scenes stored, %d rejects", shard, stored, len(found))
+    log.info("shard %d: %d scenes stored, %d rejects", shard, stored, len(kept))
+
+
+class ShardRejects:
+    """The rejects of a harmonise job, kept in its partial shard (``rejects.json``).
+
+    Each reject is saved (atomically) before the sample it belongs to is written, so a sample
+    the shard lists always has its rejects on disk. On resume only the rejects of listed
+    samples are kept; the other scenes are harmonised again and find theirs again.
+    """
+
+    FILE = "rejects.json"
+
+    def __init__(self, partial: Path, done: set[str]) -> None:
+        self.path = Path(partial) / self.FILE
+        saved = read_json(self.path) if done else None
+        self._rows: list[dict] = [r for r in saved or [] if r["key"] in done]
+        if self._rows:
+            log.info("resuming with %d rejects found before the interruption", len(self._rows))
+
+    def add(self, position: int, key: str, reject: Reject) -> None:
+        self._rows.append({"position": position, "key": key, **asdict(reject)})
+        write_json_atomic(self._rows, self.path)
+
+    def ordered(self) -> list[Reject]:
+        """The rejects in the order of the job's inputs, as an uninterrupted run finds them."""
+        rows = sorted(self._rows, key=lambda r: r["position"])
+        return [Reject(r["path"], r["stage"], r["reason"]) for r in rows]
 
 
 def _harmonise_scenes(
@@ -206,7 +246,7 @@ def _harmonise_scenes(
     writer: ShardWriter,
     cfg: HarmoniseConfig,
     with_rgb: bool,
-    found: list[Reject],
+    found: ShardRejects,
 ) -> None:
     for position, scene in enumerate(mine.itertuples(index=False)):
         if scene.s2_relpath in done:
@@ -214,7 +254,7 @@ def _harmonise_scenes(
         try:
             s2, grid, s2_info = read_s2(Path(scene.s2_path), cfg)
         except DataError as e:
-            found.append(Reject(e.path, "harmonise", e.problem))
+            found.add(position, scene.s2_relpath, Reject(e.path, "harmonise", e.problem))
             continue
         rgb, rgb_info, score = None, {}, math.nan
         if with_rgb and isinstance(scene.rgb_jpg, str):  # absent partners read back as NaN
@@ -223,11 +263,11 @@ def _harmonise_scenes(
                     Path(scene.rgb_jpg), Path(scene.rgb_json), grid, cfg, polygon_wkt=scene.polygon
                 )
             except DataError as e:
-                found.append(Reject(e.path, "harmonise", e.problem))
+                found.add(position, scene.s2_relpath, Reject(e.path, "harmonise", e.problem))
         if rgb is not None:
             score, reject = check_partner(s2, grid, rgb, rgb_info, cfg, scene.rgb_jpg)
             if reject is not None:
-                found.append(reject)
+                found.add(position, scene.s2_relpath, reject)
                 rgb = None
         has_rgb = rgb is not None
         if with_rgb and rgb is None:

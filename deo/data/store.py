@@ -21,6 +21,7 @@ The per-sample table (row i describes sample i, with an ``index`` column) lives 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -39,6 +40,7 @@ from numcodecs import blosc
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
 
+from deo.config import digest
 from deo.data.bands import BY_NAME, MS_BANDS
 from deo.errors import DataError
 
@@ -54,6 +56,8 @@ RGB_CHANNELS: tuple[str, ...] = ("R", "G", "B")
 SHARD_ARRAYS = "arrays.zarr"
 SHARD_TABLE = "table.parquet"
 SHARD_ATTR = "deo_shard"
+SHARD_STATE = "partial.json"
+"""A shard store's record of the settings it is being built with, written last on creation."""
 RESERVED_META = ("position", "index")
 """Table columns the store code owns: a caller's meta dict must not use them."""
 
@@ -85,6 +89,21 @@ def shuffled_rows(n: int, seed: int | None) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n).astype(np.int64)
 
 
+def write_json_atomic(data: Any, path: Path) -> None:
+    """Write JSON via a temporary file and rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
     """Write via a temporary file and rename, so a killed job never leaves a truncated table."""
     tmp = path.with_name(path.name + ".tmp")
@@ -102,6 +121,12 @@ class ShardWriter:
     the arrays were written, so a key listed there always has its data on disk. A job should
     give each input a fixed position (e.g. its index in the job's input list), so a sample
     that was written but not yet listed is simply rewritten in place on resume.
+
+    ``settings`` (whatever determines the samples: the job's config and inputs) is digested
+    into ``partial.json``, written atomically once the arrays exist. A shard is resumed only
+    when that record matches this job; otherwise (other settings, or a kill before the record
+    was written) it is started over with a log line, so a partial shard never blocks a rerun
+    and never mixes settings.
     """
 
     def __init__(
@@ -113,6 +138,7 @@ class ShardWriter:
         *,
         rgb_tile_size: int | None = None,
         flush_every: int = 64,
+        settings: Any = None,
     ) -> None:
         self.path = Path(path)
         self.n = n
@@ -130,20 +156,46 @@ class ShardWriter:
             "with_rgb": with_rgb,
             "rgb_tile_size": self.rgb_tile_size,
         }
+        state = {"shard": expected, "settings": digest(settings)}
         arrays_path = self.path / SHARD_ARRAYS
-        if (arrays_path / "zarr.json").exists():
-            group = zarr.open_group(arrays_path, mode="r+", zarr_format=3)
-            found = group.attrs.get(SHARD_ATTR)
-            if found != expected:
-                raise DataError(
-                    self.path, f"existing shard store has {found}, this job asks {expected}"
-                )
-            self._load_table()
-            log.info("resuming shard %s: %d of %d samples done", self.path, len(self._rows), n)
-        else:
+        group = self._resume(arrays_path, state)
+        if group is None:
             group = self._create(arrays_path, expected)
             self.flush()
+            write_json_atomic(state, self.path / SHARD_STATE)
         self._arrays = {name: group[name] for name in self._shapes}
+
+    def _resume(self, arrays_path: Path, state: dict[str, Any]) -> zarr.Group | None:
+        """The existing shard's arrays when it was built for exactly ``state``, else None (after
+        removing whatever is there, saying why)."""
+        if not self.path.exists():
+            return None
+        found = read_json(self.path / SHARD_STATE)
+        if found == state:
+            try:
+                group = zarr.open_group(arrays_path, mode="r+", zarr_format=3)
+                missing = [name for name in self._shapes if name not in group.array_keys()]
+                if not missing:
+                    self._load_table()
+                    log.info(
+                        "resuming shard %s: %d of %d samples done",
+                        self.path,
+                        len(self._rows),
+                        self.n,
+                    )
+                    return group
+                why = f"its arrays {missing} are missing"
+            except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as e:
+                why = f"it is unreadable ({type(e).__name__}: {e})"
+            self._rows.clear()
+            self._positions.clear()
+        elif found is None:
+            why = f"it has no readable {SHARD_STATE} (killed while being created, or older)"
+        else:
+            why = f"it was started with other settings ({found}, this job: {state})"
+        log.warning("starting partial shard %s over: %s", self.path, why)
+        shutil.rmtree(self.path)
+        return None
 
     def _create(self, arrays_path: Path, expected: dict[str, Any]) -> zarr.Group:
         self.path.mkdir(parents=True, exist_ok=True)

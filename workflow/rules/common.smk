@@ -6,7 +6,12 @@ from snakemake.exceptions import WorkflowError
 from deo.cache.spec import GlobalViews, split_teacher_section
 from deo.config import digest, to_dict
 from deo.train.config import parse_train, run_config
-from deo.workflow import prefer_beside_python, replace_config, resolve_config
+from deo.workflow import (
+    clear_stale_locks,
+    prefer_beside_python,
+    replace_config,
+    resolve_config,
+)
 
 # --configfile files replace the embedded default instead of patching it, so no demo value can
 # leak into config/paper.yaml; `deo config` prints the same resolved, validated dict.
@@ -25,6 +30,9 @@ envvars:
 
 
 prefer_beside_python()
+# A run killed with SIGKILL leaves Snakemake's locks: the next plain run removes them itself.
+if workflow.is_main_process:
+    clear_stale_locks()
 
 
 DATA = config["data"]
