@@ -28,7 +28,10 @@ def test_tiny_run_on_cpu_fills_every_row(capsys: pytest.CaptureFixture) -> None:
     by_check = {(r.check, r.setting): r for r in rows}
     assert by_check[("loss fp32", "batch 8")].result == "reference"
     bf16 = by_check[("loss bf16", "vs fp32, worst term")]
-    assert bf16.result.startswith("ok"), bf16  # CPU autocast to bf16 runs too
+    # CPU autocast to bf16 runs too; a tiny random model is noisy, so check the verdict's logic
+    error = float(bf16.value.split()[0])
+    assert 0 < error < 0.5, bf16
+    assert bf16.result.startswith("ok") == (error <= gpu_check.TOLERANCE["bf16"]), bf16
     attention = [r for r in rows if r.check == "attention xformers"]
     assert attention and attention[0].result.startswith("skipped: ")  # no xformers on CPU
     steps = {r.setting: r for r in rows if r.check == "train step"}

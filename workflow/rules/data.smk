@@ -25,17 +25,20 @@ rule preflight:
         "results/benchmarks/preflight.tsv"
     conda:
         ENV
-    # Only the hosts' sections are params: a rerun of preflight would mask reruns downstream of
-    # the download (its output is an ancient() input of fetch_sentinel), so the sections it
-    # reads for its estimates (PREFLIGHT_SETTINGS) do not trigger one.
+    # Only the hosts' sections are params (rerun triggers). The sections preflight reads for its
+    # estimates (PREFLIGHT_SETTINGS: harmonise, selection, store) are passed outside params, so
+    # changing a harmonise key reruns harmonise onward, never this check upstream of the download.
     params:
         data=data_params("sentinel", "rgb", "preflight"),
         sentinel_url=source_url("sentinel"),
         rgb_url=source_url("rgb"),
-    shell:
-        "deo preflight --data {params.data:q} --settings {PREFLIGHT_SETTINGS:q}"
-        " --sentinel-url {params.sentinel_url:q} --rgb-url {params.rgb_url:q}"
-        " --out-json {output.json} --out-md {output.md} > {log} 2>&1"
+    run:
+        shell(
+            "deo preflight --data {params.data:q} --settings {settings:q}"
+            " --sentinel-url {params.sentinel_url:q} --rgb-url {params.rgb_url:q}"
+            " --out-json {output.json} --out-md {output.md} > {log} 2>&1",
+            settings=PREFLIGHT_SETTINGS,
+        )
 
 
 rule fetch_sentinel:
