@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from deo.cache.spec import GlobalViews
 from deo.data.augment import (
     GLOBAL_BLUR_P,
     GLOBAL_SOLARIZE_P,
@@ -127,6 +128,23 @@ def test_a_view_equals_the_hand_built_view(hflip: bool) -> None:
     for i in range(3):
         want = hand_view(ms[i].numpy(), rgb[i].numpy(), bool(has[i]), [4, 6, 26, 30], 20, hflip)
         np.testing.assert_allclose(view[i].numpy(), want, rtol=0, atol=2e-4)
+
+
+def test_authors_normalisation_switch_uses_their_constants_on_the_same_pixels() -> None:
+    ms, rgb, has = make_batch(3)
+    ours = MultiCrop(band_stats=STATS)
+    theirs = MultiCrop(band_stats=STATS, normalisation="authors")
+    params = plain(ours, 3, [4.0, 6.0, 26.0, 30.0], False)
+    view = ours.apply(ms, rgb, has, params, 20)
+    authors = theirs.apply(ms, rgb, has, params, 20)
+    # normalize_hr as written in DEO/utils/augmentations.py (torchgeo's _deo_transforms)
+    mean = torch.tensor([0.4182007312774658, 0.4214799106121063, 0.3991275727748871, 1263.73947144])
+    std = torch.tensor([0.28774282336235046, 0.27541765570640564, 0.2764017581939697, 948.9819932])
+    raw = unnormalise(view)[:, :4]
+    torch.testing.assert_close(authors[:, :4], (raw - mean[:, None, None]) / std[:, None, None])
+    assert GlobalViews.of(theirs).normalisation == "authors"
+    with pytest.raises(ValueError, match="'data' or 'authors'"):
+        MultiCrop(band_stats=STATS, normalisation="imagenet")
 
 
 def test_resampling_is_the_authors_random_resized_crop() -> None:

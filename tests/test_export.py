@@ -183,6 +183,8 @@ def test_training_input_spec_is_the_normalisation_training_used() -> None:
     assert s2_only.mean[:3] == (0.3, 0.3, 0.3) and s2_only.mean[3:] == spec.mean[3:]
     with pytest.raises(ConfigError, match="B12"):
         training_input_spec({k: v for k, v in STATS.items() if k != "B12"}, 224, 12)
+    authors = training_input_spec(STATS, 224, 12, source="authors")
+    assert (authors.mean, authors.std) == (RELEASED_DEO.mean, RELEASED_DEO.std)
 
 
 def test_torchvision_layout_maps_the_stem_to_one_embedding(w4: DualEmbedSwin) -> None:

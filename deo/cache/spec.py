@@ -41,8 +41,9 @@ class GlobalViews:
     ``rgb`` is where the optical channels come from: ``partner`` (the store's aerial ``rgb``
     where a sample has one, Sentinel-2's B04/B03/B02 elsewhere: ``train.ablation.hr_optical``)
     or ``derived`` (Sentinel-2's for every sample). The normalisation the VFM's input gets is
-    the store's statistics, which the store digest covers. Local-view settings are absent on
-    purpose: local views stay freshly random in a cached run.
+    the store's statistics, which the store digest covers, or the authors' constants
+    (``normalisation``). Local-view settings are absent on purpose: local views stay freshly
+    random in a cached run.
     """
 
     global_size: int
@@ -53,6 +54,7 @@ class GlobalViews:
     optical_aug: bool
     rgb: Literal["partner", "derived"]
     interpolation: Literal["bicubic", "bilinear"]
+    normalisation: Literal["data", "authors"] = "data"
 
     @classmethod
     def of(cls, multicrop: MultiCrop) -> GlobalViews:
@@ -66,6 +68,7 @@ class GlobalViews:
             optical_aug=multicrop.optical_aug,
             rgb="partner" if multicrop.partners else "derived",
             interpolation=multicrop.interpolation,
+            normalisation=multicrop.normalisation,  # type: ignore[arg-type]
         )
 
     @classmethod
@@ -94,6 +97,7 @@ class GlobalViews:
             partners=self.with_rgb,
             band_stats=band_stats,
             interpolation=self.interpolation,
+            normalisation=self.normalisation,
         )
 
 

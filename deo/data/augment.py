@@ -58,7 +58,8 @@ from kornia.enhance import adjust_brightness_accumulative, adjust_hue
 from torch import Tensor
 
 from deo.data.bands import MS_BANDS
-from deo.data.model_input import MAX_EPS, MS_ONLY, S2_OPTICAL, normalisation
+from deo.data.model_input import MAX_EPS, MS_ONLY, S2_OPTICAL
+from deo.data.model_input import normalisation as channel_statistics
 
 if TYPE_CHECKING:
     from deo.train.config import TrainConfig
@@ -224,6 +225,8 @@ class MultiCrop:
             one (``train.ablation.hr_optical``); it selects the optical statistics too.
         band_stats: the stats stage's statistics (``model_input.normalisation``); needed to
             render views, not to sample them.
+        normalisation: ``data`` (``band_stats``) or ``authors`` (the authors' fixed constants,
+            ``model_input.AUTHORS_MEAN``; ``band_stats`` is then only a go-ahead to render).
         interpolation: ``bicubic`` (the authors' ``RandomResizedCrop``: antialiased, Keys
             a = -0.5 as PIL and torch's ``antialias=True``) or ``bilinear`` (antialiased).
         blur_kernel: taps per axis of the Gaussian blur (odd).
@@ -244,6 +247,7 @@ class MultiCrop:
         band_stats: Mapping[str, Mapping[str, float]] | None = None,
         interpolation: Interpolation = "bicubic",
         blur_kernel: int = BLUR_KERNEL,
+        normalisation: str = "data",
     ) -> None:
         for name, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0 < scale[0] <= scale[1] <= 1:
@@ -268,10 +272,11 @@ class MultiCrop:
         self.global_scale, self.local_scale, self.ratio = global_scale, local_scale, ratio
         self.vflip_p, self.optical_aug, self.blur_kernel = vflip_p, optical_aug, blur_kernel
         self.partners, self.interpolation = partners, interpolation
+        self.normalisation = normalisation
         self.mean: Tensor | None = None
         self.std: Tensor | None = None
         if band_stats is not None:
-            mean, std = normalisation(band_stats, partners)
+            mean, std = channel_statistics(band_stats, partners, source=self.normalisation)
             self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
             self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
 
@@ -292,6 +297,7 @@ class MultiCrop:
             partners=cfg.ablation.hr_optical,
             band_stats=band_stats,
             interpolation=crops.interpolation,
+            normalisation=crops.normalisation,
         )
 
     # ---- sampling -------------------------------------------------------------------------

@@ -47,15 +47,51 @@ OPTICAL = ("optical_R", "optical_G", "optical_B")
 OPTICAL_S2 = ("optical_s2_R", "optical_s2_G", "optical_s2_B")
 """Statistics keys of the max-scaled optical input from Sentinel-2's RGB alone."""
 
+AUTHORS_MEAN: tuple[float, ...] = (
+    0.4182007312774658,
+    0.4214799106121063,
+    0.3991275727748871,
+    1263.73947144,
+    1645.40315151,
+    1846.87040806,
+    1762.59530783,
+    1972.62420416,
+    1732.16362238,
+    1247.91870117,
+)
+"""The authors' ``normalize_hr`` (``DEO/utils/augmentations.py``; torchgeo's ``_deo_transforms``):
+[0, 1] statistics of their max-scaled optical input, then fMoW-Sentinel DN statistics of the
+seven other bands. They apply it to every view, with or without an aerial partner."""
+AUTHORS_STD: tuple[float, ...] = (
+    0.28774282336235046,
+    0.27541765570640564,
+    0.2764017581939697,
+    948.9819932,
+    1108.06650639,
+    1258.36394548,
+    1233.1492281,
+    1364.38688993,
+    1310.36996126,
+    1087.6020813,
+)
+
 
 def normalisation(
-    stats: Mapping[str, Mapping[str, float]], partners: bool, where: object = "band statistics"
+    stats: Mapping[str, Mapping[str, float]],
+    partners: bool,
+    where: object = "band statistics",
+    source: str = "data",
 ) -> tuple[list[float], list[float]]:
     """Mean and std of the 10 model channels from the stats stage's ``stats``.
 
     ``partners`` selects the optical statistics of the input a run trains on (aerial partners
-    where present, or Sentinel-2's RGB everywhere).
+    where present, or Sentinel-2's RGB everywhere). ``source="authors"`` returns the authors'
+    fixed constants instead (``train.*.crops.normalisation``), whatever the data.
     """
+    if source == "authors":
+        return list(AUTHORS_MEAN), list(AUTHORS_STD)
+    if source != "data":
+        raise ValueError(f"normalisation source must be 'data' or 'authors', got {source!r}")
     keys = (OPTICAL if partners else OPTICAL_S2) + MODEL_BANDS[3:]
     if missing := [k for k in keys if k not in stats]:
         raise DataError(

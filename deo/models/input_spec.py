@@ -18,21 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deo.data.model_input import MODEL_BANDS, OPTICAL_CHANNELS, normalisation
+from deo.data.model_input import (
+    AUTHORS_MEAN,
+    AUTHORS_STD,
+    MODEL_BANDS,
+    OPTICAL_CHANNELS,
+    normalisation,
+)
 from deo.errors import ConfigError, DataError
-
-# The authors' normalisation of the optical channels once scaled into [0, 1]
-# (DEO/utils/augmentations.py, ``normalize_hr``; torchgeo's ``_deo_transforms``, first three).
-OPTICAL_MEAN: tuple[float, float, float] = (
-    0.4182007312774658,
-    0.4214799106121063,
-    0.3991275727748871,
-)
-OPTICAL_STD: tuple[float, float, float] = (
-    0.28774282336235046,
-    0.27541765570640564,
-    0.2764017581939697,
-)
 
 _BAND = re.compile(r"B0*(\d{1,2})(A?)", re.IGNORECASE)
 
@@ -130,12 +123,14 @@ def training_input_spec(
     img_size: int,
     window_size: int,
     partners: bool = True,
+    source: str = "data",
 ) -> InputSpec:
     """The spec of a model trained here: exactly the normalisation training used, i.e. the
     optical channels by their max, then the stats stage's statistics of that max-scaled input
-    (``partners``: with the aerial partners, else Sentinel-2's RGB) and of the 7 other bands."""
+    (``partners``: with the aerial partners, else Sentinel-2's RGB) and of the 7 other bands,
+    or the authors' constants (``source="authors"``)."""
     try:
-        mean, std = normalisation(band_stats, partners)
+        mean, std = normalisation(band_stats, partners, source=source)
     except DataError as err:
         raise ConfigError(str(err)) from err
     return InputSpec(
@@ -167,28 +162,9 @@ RELEASED_DEO = InputSpec(
     bands=normalise_band_names(RELEASED_DEO_TORCHGEO_BANDS),
     optical_channels=OPTICAL_CHANNELS,
     optical_scale="max",
-    # torchgeo 0.10.1 ``_deo_transforms``: [0, 1] RGB statistics, then the fMoW-Sentinel DN
-    # statistics of the seven other bands.
-    mean=(
-        *OPTICAL_MEAN,
-        1263.73947144,
-        1645.40315151,
-        1846.87040806,
-        1762.59530783,
-        1972.62420416,
-        1732.16362238,
-        1247.91870117,
-    ),
-    std=(
-        *OPTICAL_STD,
-        948.9819932,
-        1108.06650639,
-        1258.36394548,
-        1233.1492281,
-        1364.38688993,
-        1310.36996126,
-        1087.6020813,
-    ),
+    # torchgeo 0.10.1 ``_deo_transforms``: the authors' ``normalize_hr``
+    mean=AUTHORS_MEAN,
+    std=AUTHORS_STD,
     img_size=224,  # DEO_SWIN.meta['img_size']
     window_size=12,  # the window torchgeo's DEO sets on every block
 )

@@ -59,7 +59,9 @@ def feature_maps(
     dataset = PretrainDataset(store, table, with_rgb=partners)
     picks = np.linspace(0, len(dataset) - 1, n_samples).round().astype(int).tolist()
     batch = torch.utils.data.default_collate(dataset.__getitems__(picks))
-    multicrop = MultiCrop(partners=partners, band_stats=read_stats(store))
+    multicrop = MultiCrop(
+        partners=partners, band_stats=read_stats(store), normalisation=cfg.crops.normalisation
+    )
     size = (batch["s2"].shape[-1] // 16) * 16  # the VFM needs whole 16-pixel patches
     # the whole tile as the model's normalised input, unaugmented (deo.data.model_input)
     ms = multicrop.whole(batch["s2"], batch.get("rgb"), batch.get("has_rgb"), size)

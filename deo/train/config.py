@@ -33,6 +33,8 @@ class CropConfig:
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # the authors' RandomResizedCrop
+    # the 10 channels' mean/std: the stats stage's (data) or the authors' fixed normalize_hr
+    normalisation: Literal["data", "authors"] = "data"
 
 
 @dataclass(frozen=True)

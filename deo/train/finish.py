@@ -64,7 +64,11 @@ def export_run(checkpoint: Path, out: Path, stats: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"{stats}: cannot read the store's band statistics: {err}") from err
     spec = training_input_spec(
-        band_stats, cfg.student.img_size, cfg.student.window_size, cfg.ablation.hr_optical
+        band_stats,
+        cfg.student.img_size,
+        cfg.student.window_size,
+        cfg.ablation.hr_optical,
+        cfg.crops.normalisation,
     )
     # The run's input, whatever the layout: the evaluation reads it beside the backbone.
     spec.write(out / TORCHGEO_SPEC)
