@@ -159,11 +159,13 @@ def tail(log: Path, chars: int = 6000) -> str:
 
 
 def metrics(workdir: Path) -> pd.DataFrame:
+    """The runs' deterministic metrics; a run without the VFM terms (an ablation) lacks those."""
     runs = yaml.safe_load((workdir / "config/config.yaml").read_text())["train"]["runs"]
-    frames = [
-        pd.read_csv(workdir / f"results/train/{run}/metrics.csv")[DETERMINISTIC].assign(run=run)
-        for run in runs
-    ]
+    frames = []
+    for run in runs:
+        table = pd.read_csv(workdir / f"results/train/{run}/metrics.csv")
+        frames.append(table[[c for c in DETERMINISTIC if c in table]].assign(run=run))
+    assert set(DETERMINISTIC) <= set(frames[list(runs).index("deo")])
     return pd.concat(frames, ignore_index=True)
 
 
