@@ -12,6 +12,18 @@ from zarr.codecs import BloscCodec
 from deo.data.bands import MS_BANDS
 from deo.data.stats import band_stats, write_stats
 from deo.data.store import ShardWriter, merge_shards
+from deo.models.student import StudentConfig
+
+TINY_STUDENT = StudentConfig(
+    arch="swin_t",
+    window_size=4,
+    img_size=32,
+    embed_dim=16,
+    depths=(2, 2, 2, 2),
+    num_heads=(1, 2, 2, 4),
+    drop_path_rate=0.0,
+)
+"""The evaluation tests' tiny student (the demo's widths, window 4)."""
 
 TINY_TRAIN = {
     "student": {

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from fakes import TINY_STUDENT as TINY
 from torch import nn
 
 from deo.data.bands import SENTINEL2_BANDS
@@ -27,19 +28,9 @@ from deo.evaluation.encoders import (
 )
 from deo.models.export import export_backbone, to_torchgeo
 from deo.models.input_spec import MODEL_BANDS, RELEASED_DEO
-from deo.models.student import StudentConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = StudentConfig(
-    arch="swin_t",
-    window_size=4,
-    img_size=32,
-    embed_dim=16,
-    depths=(2, 2, 2, 2),
-    num_heads=(1, 2, 2, 4),
-    drop_path_rate=0.0,
-)
 # torchgeo's spelling of the released model's bands.
 TORCHGEO_BANDS = ["B4", "B3", "B2", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from fakes import TINY_STUDENT as TINY
 from torch import Tensor, nn
 
 from deo.errors import DataError
@@ -23,19 +24,9 @@ from deo.evaluation.metrics import IGNORE_INDEX
 from deo.evaluation.protocols import DenseConfig, LinearConfig, ProtocolConfig, run_protocol
 from deo.evaluation.protocols.dense import DenseModel, TrainCrops, sliding_window, window_starts
 from deo.evaluation.run import RESULT_COLUMNS, evaluate, read_results, run_job
-from deo.models.student import StudentConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = StudentConfig(
-    arch="swin_t",
-    window_size=4,
-    img_size=32,
-    embed_dim=16,
-    depths=(2, 2, 2, 2),
-    num_heads=(1, 2, 2, 4),
-    drop_path_rate=0.0,
-)
 LINEAR = LinearConfig(epochs=30, batch_size=32, lrs=(1e-3, 1e-2), knn_k=5)
 DENSE = DenseConfig(epochs=5, batch_size=4, lr=1e-3, crop_size=32, channels=32)
 PROTOCOLS = ProtocolConfig(linear=LINEAR, segmentation=DENSE, change=DENSE)

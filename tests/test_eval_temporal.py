@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import TINY_STUDENT as TINY
 
 from deo.data.bands import MS_BANDS
 from deo.errors import ConfigError
@@ -19,19 +20,8 @@ from deo.evaluation.protocols import DenseConfig, TemporalConfig
 from deo.evaluation.protocols.segmentation import run_segmentation
 from deo.evaluation.protocols.temporal import LTAE, LinearOverTime
 from deo.models.input_spec import MODEL_BANDS
-from deo.models.student import StudentConfig
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.timeout(120)]
-
-TINY = StudentConfig(
-    arch="swin_t",
-    window_size=4,
-    img_size=32,
-    embed_dim=16,
-    depths=(2, 2, 2, 2),
-    num_heads=(1, 2, 2, 4),
-    drop_path_rate=0.0,
-)
 
 
 def write_pastis(root: Path, steps: int = 5, size: int = 32, patches: int = 10) -> None:
