@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,18 @@ def write_c1_store(
     frame.to_parquet(table, index=False)
     write_stats(store, band_stats(store, frame, split="train"), root / "c1-stats.json")
     return store, table
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A loopback test server's handler: no request log, and one way to send a reply."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep the test output quiet."""
+
+    def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

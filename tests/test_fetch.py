@@ -13,9 +13,10 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
+from fakes import QuietHandler
 
 from deo.data.fetch import FetchItem, Manifest, fetch_all, require_ok, verify_manifest
 from deo.errors import DataError
@@ -52,14 +53,11 @@ class ServerState:
             return sum(len(seen) for seen in self.ranges.values())
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(QuietHandler):
     """Serves ``/<mode>/<name>``; the mode picks a (mis)behaviour."""
 
     protocol_version = "HTTP/1.1"
     server: Server
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Keep the test output quiet."""
 
     def do_GET(self) -> None:
         state = self.server.state
@@ -80,14 +78,6 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(200, body)
         else:
             self._ranged(body, honour_if_range=mode != "swapnoif")
-
-    def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def _ranged(self, body: bytes, *, honour_if_range: bool = True) -> None:
         """Ranges as RFC 9110 has them: an ``If-Range`` that names another version gets 200."""

@@ -12,11 +12,12 @@ import shutil
 import tarfile
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import QuietHandler
 from rasterio.io import MemoryFile
 
 from deo.config import DataConfig, MirrorConfig, from_dict
@@ -50,14 +51,11 @@ CFG = from_dict(
 )
 
 
-class RangeOnly(BaseHTTPRequestHandler):
+class RangeOnly(QuietHandler):
     """Serves files below ``root``; answers 400 to any GET without a ``bytes=a-b`` Range."""
 
     root: Path
     requests: list[tuple[str, str | None]]
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
     def do_GET(self) -> None:
         rng = self.headers.get("Range")
@@ -72,14 +70,6 @@ class RangeOnly(BaseHTTPRequestHandler):
         start, end = int(match.group(1)), min(int(match.group(2)), len(body) - 1)
         headers = {"Content-Range": f"bytes {start}-{end}/{len(body)}"}
         self._reply(206, body[start : end + 1], headers)
-
-    def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
 
 @pytest.fixture(scope="module")
